@@ -1,0 +1,29 @@
+# Set-up is part of every target: the virtual environment is created on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: train test test-slow bench lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	# torch==2.13.0 resolves to the CPU wheel shipped on this machine kind (see README).
+	$(PY) -m pip install -q -e '.[dev,parity]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+train: $(STAMP)
+	$(PY) -m xlstm_eqx.cli demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/model.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check xlstm_eqx tests benchmarks

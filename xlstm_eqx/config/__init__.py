@@ -1,0 +1,37 @@
+"""Configuration: frozen dataclasses, YAML loading and dotted overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .model import ModelConfig
+from .parsing import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: one section per layer of the system."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Reads ``path`` (YAML; may be None for defaults), applies ``key.sub=value`` overrides, validates."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(Config, apply_overrides(data, overrides))
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "read_yaml",
+    "to_dict",
+]

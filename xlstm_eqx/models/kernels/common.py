@@ -1,0 +1,65 @@
+"""Shared pieces of the mLSTM cell kernels: the state type and the stabilised read-out.
+
+Every kernel works on ONE head of ONE sequence (vmap over heads and batch outside):
+``q, k: (T, DK)``, ``v: (T, DV)``, gate pre-activations ``i_preact, f_preact: (T,)``,
+state ``C: (DK, DV)`` (key-major, read as qᵀC), ``n: (DK,)``, ``m: ()``.
+
+The stabiliser ``m`` follows the recurrent definition in all three forms, including the
+"phantom" initial state (m₀ = 0 when no state is given), so parallel, chunkwise and recurrent
+results agree to rounding, not only up to where ``eps`` enters.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+class MLSTMState(NamedTuple):
+    """Recurrent memory of one head: matrix memory C, normaliser n, stabiliser (log-scale) m."""
+
+    C: Float[Array, "*batch dk dv"]
+    n: Float[Array, "*batch dk"]
+    m: Float[Array, "*batch"]
+
+
+def zero_state(dk: int, dv: int, dtype=jnp.float32) -> MLSTMState:
+    """The empty memory (m = 0, as in the recurrent definition)."""
+    return MLSTMState(jnp.zeros((dk, dv), dtype), jnp.zeros((dk,), dtype), jnp.zeros((), dtype))
+
+
+def accumulation_dtype(i_preact: Array) -> jnp.dtype:
+    """Kernels compute in the gate dtype (float32, or float64 for exact-math checks)."""
+    return i_preact.dtype
+
+
+def read_out(
+    num: Float[Array, "*t dv"], den: Float[Array, "*t"], m: Float[Array, "*t"], eps: float
+) -> Float[Array, "*t dv"]:
+    """h = num / (max(|den|, exp(-m)) + eps): the stabilised form of num / max(|den|, 1)."""
+    return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
+
+
+def log_forget(f_preact: Array) -> Array:
+    """Log of the sigmoid forget gate; always ≤ 0, so cumulative sums of it are monotone."""
+    return jax.nn.log_sigmoid(f_preact)
+
+
+def resets_so_far(reset: Array, axis: int = -1) -> Array:
+    """Inclusive count of document starts up to each position (int32)."""
+    return jnp.cumsum(reset.astype(jnp.int32), axis=axis)
+
+
+def pairwise_log_decay(lf: Float[Array, "*c t"]) -> Float[Array, "*c t t"]:
+    """out[τ, σ] = Σ_{σ<j≤τ} lf_j for τ ≥ σ (0 above the diagonal; callers mask it).
+
+    Summed directly column by column rather than as a difference of global cumulative sums, which
+    cancels catastrophically in float32 when gates are saturated (lf ≈ -30 per step).
+    """
+    t = lf.shape[-1]
+    strictly_lower = jnp.tril(jnp.ones((t, t), dtype=bool), k=-1)
+    terms = jnp.where(strictly_lower, lf[..., :, None], jnp.zeros((), lf.dtype))
+    return jnp.cumsum(terms, axis=-2)

@@ -1,0 +1,109 @@
+"""Small building blocks: dtype-aware dense application, soft caps, norms, SwiGLU, initialisers."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+def dense(
+    layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], out_dtype: jnp.dtype | None = None
+) -> Float[Array, "*batch d_out"]:
+    """Applies ``layer`` (weight in torch's (out, in) layout) over any leading axes.
+
+    The matmul runs in ``x``'s dtype (the compute dtype); ``out_dtype`` sets the accumulation and
+    result dtype (e.g. float32 logits from bfloat16 activations).
+    """
+    return project(x, layer.weight, layer.bias, out_dtype)
+
+
+def project(
+    x: Float[Array, "*batch d_in"],
+    weight: Float[Array, "d_out d_in"],
+    bias: Float[Array, " d_out"] | None = None,
+    out_dtype: jnp.dtype | None = None,
+) -> Float[Array, "*batch d_out"]:
+    """x @ weightᵀ (+ bias) computed in ``x``'s dtype, accumulated and returned in ``out_dtype``."""
+    out_dtype = out_dtype or x.dtype
+    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=out_dtype)
+    return y if bias is None else y + bias.astype(out_dtype)
+
+
+def gate_dtype(compute_dtype) -> jnp.dtype:
+    """Gates, cell states and logits: float32, or float64 when the model computes in float64."""
+    return jnp.promote_types(compute_dtype, jnp.float32)
+
+
+def soft_cap(x: Float[Array, "*shape"], cap: float | None) -> Float[Array, "*shape"]:
+    """cap · tanh(x / cap); identity when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def normal_(layer: eqx.nn.Linear, std: float, key: PRNGKeyArray) -> eqx.nn.Linear:
+    """Returns ``layer`` with weight ~ N(0, std²) and a zero bias."""
+    weight = std * jax.random.normal(key, layer.weight.shape, layer.weight.dtype)
+    layer = eqx.tree_at(lambda m: m.weight, layer, weight)
+    if layer.bias is not None:
+        layer = eqx.tree_at(lambda m: m.bias, layer, jnp.zeros_like(layer.bias))
+    return layer
+
+
+def small_init_std(dim: int) -> float:
+    """Std of the 'small init' (Nguyen & Salazar): sqrt(2 / (5·dim))."""
+    return math.sqrt(2.0 / (5.0 * dim))
+
+
+def wang_init_std(dim: int, num_blocks: int) -> float:
+    """Std of Wang's init for output projections: 2 / (num_blocks·sqrt(dim))."""
+    return 2.0 / (num_blocks * math.sqrt(dim))
+
+
+def rms_norm(dim: int, eps: float, dtype) -> eqx.nn.RMSNorm:
+    """Scale-only RMSNorm over the last axis (reduction in float32, see eqx.nn.RMSNorm)."""
+    return eqx.nn.RMSNorm(dim, eps=eps, use_bias=False, dtype=dtype)
+
+
+def apply_norm(norm: eqx.Module, x: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
+    """Applies a per-vector Equinox norm over all leading axes."""
+    flat = x.reshape(-1, x.shape[-1])
+    return jax.vmap(norm)(flat).reshape(x.shape)
+
+
+class MultiHeadNorm(eqx.Module):
+    """Per-head LayerNorm or RMSNorm over each head's features; weight per (head, feature)."""
+
+    norms: eqx.nn.LayerNorm | eqx.nn.RMSNorm  # stacked: leading axis = heads
+
+    def __init__(self, num_heads: int, head_dim: int, kind: str, eps: float, dtype):
+        def make(_):
+            if kind == "layernorm":
+                return eqx.nn.LayerNorm(head_dim, eps=eps, use_bias=False, dtype=dtype)
+            return rms_norm(head_dim, eps, dtype)
+
+        self.norms = eqx.filter_vmap(make)(jnp.arange(num_heads))
+
+    def __call__(self, h: Float[Array, "t heads dh"]) -> Float[Array, "t heads dh"]:
+        per_head = eqx.filter_vmap(lambda norm, x: jax.vmap(norm)(x), in_axes=(eqx.if_array(0), 1), out_axes=1)
+        return per_head(self.norms, h)
+
+
+class FeedForward(eqx.Module):
+    """SwiGLU: proj_down(silu(proj_up_gate(u)) ⊙ proj_up(u)); no biases unless ``use_bias``."""
+
+    proj_up_gate: eqx.nn.Linear
+    proj_up: eqx.nn.Linear
+    proj_down: eqx.nn.Linear
+
+    def __init__(self, dim: int, hidden: int, use_bias: bool, std_in: float, std_out: float, dtype, *, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        linear = lambda i, o, k: eqx.nn.Linear(i, o, use_bias=use_bias, dtype=dtype, key=k)  # noqa: E731
+        self.proj_up_gate = normal_(linear(dim, hidden, k1), std_in, k1)
+        self.proj_up = normal_(linear(dim, hidden, k2), std_in, k2)
+        self.proj_down = normal_(linear(hidden, dim, k3), std_out, k3)
+
+    def __call__(self, u: Float[Array, "t d"]) -> Float[Array, "t d"]:
+        return dense(self.proj_down, jax.nn.silu(dense(self.proj_up_gate, u)) * dense(self.proj_up, u))

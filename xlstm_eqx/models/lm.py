@@ -1,0 +1,108 @@
+"""The xLSTM language model: embedding → stacked blocks (scanned) → RMSNorm → head → logit soft cap."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ..config import ModelConfig
+from .block import XLSTMBlock
+from .kernels import MLSTMState
+from .layers import apply_norm, gate_dtype, normal_, project, rms_norm, small_init_std, soft_cap
+
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
+    """One sequence in, logits and the recurrent state out; vmap over the batch.
+
+    ``state`` holds every block's memory stacked on a leading block axis:
+    C (blocks, heads, DK, DV), n (blocks, heads, DK), m (blocks, heads). Running a sequence
+    whole, in chunks with the state carried, or token by token gives the same logits.
+    """
+
+    embedding: eqx.nn.Embedding
+    blocks: XLSTMBlock  # parameters stacked on a leading num_blocks axis
+    out_norm: eqx.nn.RMSNorm
+    lm_head: eqx.nn.Linear | None  # None when tied to the embedding
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        c, dtype = config, jnp.dtype(config.param_dtype)
+        k_embed, k_blocks, k_head = jax.random.split(key, 3)
+        std = small_init_std(c.embedding_dim)
+        embed = eqx.nn.Embedding(c.vocab_size, c.embedding_dim, dtype=dtype, key=k_embed)
+        self.embedding = eqx.tree_at(
+            lambda m: m.weight, embed, std * jax.random.normal(k_embed, embed.weight.shape, dtype)
+        )
+        self.blocks = eqx.filter_vmap(lambda k: XLSTMBlock(c, key=k))(jax.random.split(k_blocks, c.num_blocks))
+        self.out_norm = rms_norm(c.embedding_dim, c.norm_eps, dtype)
+        self.lm_head = (
+            None
+            if c.tie_word_embeddings
+            else normal_(eqx.nn.Linear(c.embedding_dim, c.vocab_size, use_bias=False, dtype=dtype, key=k_head), std, k_head)
+        )
+        self.config = config
+
+    def __call__(
+        self,
+        tokens: Int[Array, " t"],
+        state: MLSTMState | None = None,
+        *,
+        reset: Bool[Array, " t"] | None = None,
+        kernel: str | None = None,
+    ) -> tuple[Float[Array, "t vocab"], MLSTMState]:
+        """Logits (float32) for every position and the state after the last token.
+
+        ``reset[t]`` marks a document start: the memory is wiped before token t is written.
+        ``kernel`` overrides the configured mLSTM kernel for this call. Token ids outside
+        [0, vocab_size) raise an ``EquinoxRuntimeError``, eagerly and under ``jit`` alike (the
+        check runs on device; set ``EQX_ON_ERROR=nan`` to turn it off).
+        """
+        c = self.config
+        tokens = eqx.error_if(
+            tokens, (tokens < 0) | (tokens >= c.vocab_size), f"token id outside [0, vocab_size={c.vocab_size})"
+        )
+        x = jnp.take(self.embedding.weight, tokens, axis=0).astype(c.compute_dtype)
+        x, state = self._run_blocks(x, state, reset, kernel)
+        x = apply_norm(self.out_norm, x)
+        head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        logits = project(x, head_weight, out_dtype=gate_dtype(c.compute_dtype))
+        return soft_cap(logits, c.output_logit_soft_cap), state
+
+    def _run_blocks(self, x, state, reset, kernel):
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def body(x, layer):
+            block_params, block_state = layer
+            block = eqx.combine(block_params, static)
+            return block(x, block_state, reset, kernel=kernel)
+
+        policy = self.config.remat
+        if policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+        if self.config.scan_blocks:
+            return lax.scan(body, x, (params, state))
+        states = []
+        for i in range(self.config.num_blocks):
+            layer = jax.tree.map(lambda a, i=i: a[i], (params, state))
+            x, block_state = body(x, layer)
+            states.append(block_state)
+        return x, jax.tree.map(lambda *s: jnp.stack(s), *states)
+
+    def init_state(self) -> MLSTMState:
+        """The empty memory for one sequence (all zeros, m = 0)."""
+        c = self.config
+        shape, dtype = (c.num_blocks, c.num_heads), gate_dtype(c.compute_dtype)
+        return MLSTMState(
+            jnp.zeros((*shape, c.qk_head_dim, c.v_head_dim), dtype),
+            jnp.zeros((*shape, c.qk_head_dim), dtype),
+            jnp.zeros(shape, dtype),
+        )

@@ -1,0 +1,101 @@
+"""The xLSTM-7B ("mLSTM v1") layer: projections → soft-capped gates → cell → head norm → output gate."""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ..config import ModelConfig
+from .kernels import KERNELS, MLSTMState
+from .layers import MultiHeadNorm, dense, gate_dtype, normal_, small_init_std, soft_cap, wang_init_std
+
+class MLSTMLayer(eqx.Module):
+    """Maps the pre-normed residual stream u (T, D) to (T, D); carries per-head states (NH, …)."""
+
+    q: eqx.nn.Linear
+    k: eqx.nn.Linear
+    v: eqx.nn.Linear
+    ogate_preact: eqx.nn.Linear
+    igate_preact: eqx.nn.Linear
+    fgate_preact: eqx.nn.Linear
+    multihead_norm: MultiHeadNorm
+    out_proj: eqx.nn.Linear
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        c, dtype = config, jnp.dtype(config.param_dtype)
+        keys = jax.random.split(key, 7)
+        linear = functools.partial(eqx.nn.Linear, use_bias=c.use_bias, dtype=dtype)
+        small = small_init_std(c.embedding_dim)
+        self.q = normal_(linear(c.embedding_dim, c.qk_dim, key=keys[0]), small, keys[0])
+        self.k = normal_(linear(c.embedding_dim, c.qk_dim, key=keys[1]), small, keys[1])
+        self.v = normal_(linear(c.embedding_dim, c.v_dim, key=keys[2]), small, keys[2])
+        # Zero output-gate and gate kernels: the o-gate starts at 0.5, gates start at their biases.
+        self.ogate_preact = normal_(linear(c.embedding_dim, c.v_dim, key=keys[3]), 0.0, keys[3])
+        gate = functools.partial(eqx.nn.Linear, c.embedding_dim, c.num_heads, use_bias=True, dtype=dtype)
+        self.igate_preact = eqx.tree_at(
+            lambda m: (m.weight, m.bias),
+            gate(key=keys[4]),
+            (jnp.zeros((c.num_heads, c.embedding_dim), dtype), jnp.full((c.num_heads,), c.igate_bias_init, dtype)),
+        )
+        self.fgate_preact = eqx.tree_at(
+            lambda m: (m.weight, m.bias),
+            gate(key=keys[5]),
+            (jnp.zeros((c.num_heads, c.embedding_dim), dtype), jnp.linspace(*c.fgate_bias_init, c.num_heads, dtype=dtype)),
+        )
+        self.multihead_norm = MultiHeadNorm(c.num_heads, c.v_head_dim, c.cell_norm_type, c.norm_eps, dtype)
+        out_std = wang_init_std(c.embedding_dim, c.num_blocks) if c.output_init == "wang" else small
+        self.out_proj = normal_(linear(c.v_dim, c.embedding_dim, key=keys[6]), out_std, keys[6])
+        self.config = config
+
+    def __call__(
+        self,
+        u: Float[Array, "t d"],
+        state: MLSTMState | None = None,
+        reset: Bool[Array, " t"] | None = None,
+        *,
+        kernel: str | None = None,
+    ) -> tuple[Float[Array, "t d"], MLSTMState]:
+        c = self.config
+        t_len = u.shape[0]
+        heads = lambda x: x.reshape(t_len, c.num_heads, -1)  # noqa: E731
+        q, k, v = heads(dense(self.q, u)), heads(dense(self.k, u)), heads(dense(self.v, u))
+        acc = gate_dtype(u.dtype)
+        gate_in = u.astype(acc)
+        i_pre = soft_cap(dense(self.igate_preact, gate_in), c.gate_soft_cap)
+        f_pre = soft_cap(dense(self.fgate_preact, gate_in), c.gate_soft_cap)
+
+        cell = functools.partial(run_cell, kernel or c.kernel, chunk_size=c.chunk_size, eps=c.cell_eps)
+        h, state = cell(q, k, v, i_pre, f_pre, state, reset)
+        h = self.multihead_norm(h.astype(u.dtype)).reshape(t_len, -1)
+        out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u))
+        return dense(self.out_proj, out_gate * h), state
+
+
+def run_cell(
+    kernel: str,
+    q: Float[Array, "t heads dk"],
+    k: Float[Array, "t heads dk"],
+    v: Float[Array, "t heads dv"],
+    i_preact: Float[Array, "t heads"],
+    f_preact: Float[Array, "t heads"],
+    state: MLSTMState | None,
+    reset: Bool[Array, " t"] | None,
+    *,
+    chunk_size: int,
+    eps: float,
+) -> tuple[Float[Array, "t heads dv"], MLSTMState]:
+    """Runs the named kernel on every head. A single token always takes the recurrent step."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown mLSTM kernel {kernel!r}; choose one of {sorted(KERNELS)}")
+    if q.shape[0] == 1:
+        kernel = "recurrent"
+    fn = KERNELS[kernel]
+    fn = functools.partial(fn, chunk_size=chunk_size, eps=eps) if kernel == "chunkwise" else functools.partial(fn, eps=eps)
+    per_head = lambda q, k, v, i, f, s: fn(q, k, v, i, f, s, reset)  # noqa: E731
+    state_axis = None if state is None else 0
+    return jax.vmap(per_head, in_axes=(1, 1, 1, 1, 1, state_axis), out_axes=(1, 0))(q, k, v, i_preact, f_preact, state)
