@@ -17,9 +17,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads ``path`` (YAML; may be None for defaults), applies ``key.sub=value`` overrides, validates."""
     data = read_yaml(path) if path is not None else {}
     return from_dict(Config, apply_overrides(data, overrides))

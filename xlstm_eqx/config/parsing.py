@@ -58,7 +58,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) == len(value):
-            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -73,9 +73,7 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(
-            _join(path, str(unknown[0])), f"unknown key; {cls.__name__} has fields {sorted(fields)}"
-        )
+        raise ConfigError(_join(path, str(unknown[0])), f"unknown key; {cls.__name__} has fields {sorted(fields)}")
     kwargs = {}
     for name, raw in data.items():
         field_path = _join(path, name)

@@ -26,12 +26,16 @@ class XLSTMBlock(eqx.Module):
         self.mlstm_layer = MLSTMLayer(c, key=k_mlstm)
         self.norm_ffn = rms_norm(c.embedding_dim, c.norm_eps, dtype)
         std_out = (
-            wang_init_std(c.embedding_dim, c.num_blocks)
-            if c.output_init == "wang"
-            else small_init_std(c.embedding_dim)
+            wang_init_std(c.embedding_dim, c.num_blocks) if c.output_init == "wang" else small_init_std(c.embedding_dim)
         )
         self.ffn = FeedForward(
-            c.embedding_dim, c.ffn_hidden_dim, c.use_bias, small_init_std(c.embedding_dim), std_out, dtype, key=k_ffn
+            c.embedding_dim,
+            c.ffn_hidden_dim,
+            c.use_bias,
+            small_init_std(c.embedding_dim),
+            std_out,
+            dtype,
+            key=k_ffn,
         )
 
     def __call__(

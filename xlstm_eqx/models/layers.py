@@ -35,7 +35,8 @@ def project(
 
 def gate_dtype(compute_dtype) -> jnp.dtype:
     """Gates, cell states and logits: float32, or float64 when the model computes in float64."""
-    return jnp.promote_types(compute_dtype, jnp.float32)
+    # Not jnp.promote_types: it raises for (bfloat16 | float64, float32) under strict dtype promotion.
+    return jnp.dtype(jnp.float64 if jnp.dtype(compute_dtype) == jnp.float64 else jnp.float32)
 
 
 def soft_cap(x: Float[Array, "*shape"], cap: float | None) -> Float[Array, "*shape"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,9 @@ from ..config import ModelConfig
 from .block import XLSTMBlock
 from .kernels import MLSTMState
 from .layers import apply_norm, gate_dtype, normal_, project, rms_norm, small_init_std, soft_cap
+
+# Config fields that change how the model runs, never what it computes (beyond rounding).
+EXECUTION_POLICY_FIELDS = ("kernel", "chunk_size", "compute_dtype", "remat", "scan_blocks")
 
 REMAT_POLICIES = {
     "none": None,
@@ -47,7 +52,11 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         self.lm_head = (
             None
             if c.tie_word_embeddings
-            else normal_(eqx.nn.Linear(c.embedding_dim, c.vocab_size, use_bias=False, dtype=dtype, key=k_head), std, k_head)
+            else normal_(
+                eqx.nn.Linear(c.embedding_dim, c.vocab_size, use_bias=False, dtype=dtype, key=k_head),
+                std,
+                k_head,
+            )
         )
         self.config = config
 
@@ -68,7 +77,9 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         """
         c = self.config
         tokens = eqx.error_if(
-            tokens, (tokens < 0) | (tokens >= c.vocab_size), f"token id outside [0, vocab_size={c.vocab_size})"
+            tokens,
+            (tokens < 0) | (tokens >= c.vocab_size),
+            f"token id outside [0, vocab_size={c.vocab_size})",
         )
         x = jnp.take(self.embedding.weight, tokens, axis=0).astype(c.compute_dtype)
         x, state = self._run_blocks(x, state, reset, kernel)
@@ -96,6 +107,18 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
             x, block_state = body(x, layer)
             states.append(block_state)
         return x, jax.tree.map(lambda *s: jnp.stack(s), *states)
+
+    def with_policy(self, **changes) -> xLSTMLM:
+        """The same parameters run under another execution policy (kernel, chunk size, dtype, remat…)."""
+        unknown = set(changes) - set(EXECUTION_POLICY_FIELDS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not execution-policy fields {EXECUTION_POLICY_FIELDS}")
+        config = dataclasses.replace(self.config, **changes)
+        skeleton = eqx.filter_eval_shape(xLSTMLM, config, key=jax.random.key(0))
+        is_leaf_array = lambda x: isinstance(x, jax.Array | jax.ShapeDtypeStruct)  # noqa: E731
+        shapes, static = eqx.partition(skeleton, is_leaf_array)
+        arrays = jax.tree.unflatten(jax.tree.structure(shapes), jax.tree.leaves(eqx.filter(self, is_leaf_array)))
+        return eqx.combine(arrays, static)
 
     def init_state(self) -> MLSTMState:
         """The empty memory for one sequence (all zeros, m = 0)."""

@@ -13,6 +13,7 @@ from ..config import ModelConfig
 from .kernels import KERNELS, MLSTMState
 from .layers import MultiHeadNorm, dense, gate_dtype, normal_, small_init_std, soft_cap, wang_init_std
 
+
 class MLSTMLayer(eqx.Module):
     """Maps the pre-normed residual stream u (T, D) to (T, D); carries per-head states (NH, …)."""
 
@@ -40,12 +41,18 @@ class MLSTMLayer(eqx.Module):
         self.igate_preact = eqx.tree_at(
             lambda m: (m.weight, m.bias),
             gate(key=keys[4]),
-            (jnp.zeros((c.num_heads, c.embedding_dim), dtype), jnp.full((c.num_heads,), c.igate_bias_init, dtype)),
+            (
+                jnp.zeros((c.num_heads, c.embedding_dim), dtype),
+                jnp.full((c.num_heads,), c.igate_bias_init, dtype),
+            ),
         )
         self.fgate_preact = eqx.tree_at(
             lambda m: (m.weight, m.bias),
             gate(key=keys[5]),
-            (jnp.zeros((c.num_heads, c.embedding_dim), dtype), jnp.linspace(*c.fgate_bias_init, c.num_heads, dtype=dtype)),
+            (
+                jnp.zeros((c.num_heads, c.embedding_dim), dtype),
+                jnp.linspace(*c.fgate_bias_init, c.num_heads, dtype=dtype),
+            ),
         )
         self.multihead_norm = MultiHeadNorm(c.num_heads, c.v_head_dim, c.cell_norm_type, c.norm_eps, dtype)
         out_std = wang_init_std(c.embedding_dim, c.num_blocks) if c.output_init == "wang" else small
@@ -95,7 +102,11 @@ def run_cell(
     if q.shape[0] == 1:
         kernel = "recurrent"
     fn = KERNELS[kernel]
-    fn = functools.partial(fn, chunk_size=chunk_size, eps=eps) if kernel == "chunkwise" else functools.partial(fn, eps=eps)
+    fn = (
+        functools.partial(fn, chunk_size=chunk_size, eps=eps)
+        if kernel == "chunkwise"
+        else functools.partial(fn, eps=eps)
+    )
     per_head = lambda q, k, v, i, f, s: fn(q, k, v, i, f, s, reset)  # noqa: E731
     state_axis = None if state is None else 0
     return jax.vmap(per_head, in_axes=(1, 1, 1, 1, 1, state_axis), out_axes=(1, 0))(q, k, v, i_preact, f_preact, state)

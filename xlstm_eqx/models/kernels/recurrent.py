@@ -61,4 +61,3 @@ def recurrent(
 
     final, h = lax.scan(step, state, (q, k, v, i_preact, f_preact, resets))
     return h.astype(v.dtype), final
-

@@ -1,0 +1,190 @@
+"""Shared helpers for the benchmark scripts: timing, peak RSS, compile counting, JSON emission.
+
+Conventions used by every benchmark in this folder:
+
+* Timing: one untimed warm-up/compile call, then the median (and min/max) of ``repeats`` (≥5)
+  timed calls, each ended by ``jax.block_until_ready`` on its result (``time.perf_counter``).
+* Peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is the peak resident set size of the
+  whole process *lifetime* (kilobytes on Linux). A number is only attributable to one
+  configuration when that configuration ran alone in a fresh process, so the scripts run every
+  configuration in its own subprocess (see :func:`run_child`).
+* Recompilation: :func:`compile_counter` counts XLA backend compilations (via
+  ``jax.monitoring``); a steady-state loop that compiles is reported, not hidden.
+* Contention: the machine may be shared. :func:`environment` records the 1-minute load average
+  and :func:`contention_probe` (a 1024² float32 dot, GFLOP/s) is taken right before and after
+  each timed loop, so a disturbed measurement can be recognised and repeated.
+* Output: exactly one JSON object per line on stdout per measurement (:func:`emit`); progress
+  and diagnostics go to stderr (:func:`log`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = {"count": 0, "seconds": 0.0}
+_listener_installed = False
+
+
+def log(*parts: Any) -> None:
+    """Progress message to stderr (stdout is reserved for JSON lines)."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (process-lifetime maximum)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / 1024.0, 1)
+
+
+def environment() -> dict[str, Any]:
+    """Fields identifying the software and hardware a measurement was taken on."""
+    devices = jax.devices()
+    return {
+        "jax": jax.__version__,
+        "devices": f"{len(devices)}x {devices[0].platform}:{devices[0].device_kind}",
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Prints one measurement as one JSON line on stdout, with the environment fields appended."""
+    out = dict(record)
+    for key, value in environment().items():
+        out.setdefault(key, value)
+    print(json.dumps(out, sort_keys=False), flush=True)
+
+
+def _on_event(event: str, duration: float, **_: Any) -> None:
+    if event == COMPILE_EVENT:
+        _compiles["count"] += 1
+        _compiles["seconds"] += duration
+
+
+def compile_counter() -> Callable[[], int]:
+    """Starts counting XLA compilations; returns a function giving the count since this call."""
+    global _listener_installed
+    if not _listener_installed:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _listener_installed = True
+    start = _compiles["count"]
+    return lambda: _compiles["count"] - start
+
+
+def time_calls(
+    call: Callable[[], Any], repeats: int = 5, warmup: int = 1, probe: bool = True
+) -> dict[str, Any]:
+    """Times ``call()`` (a zero-argument closure; it may carry state between calls).
+
+    The first ``warmup`` calls are timed separately (``first_call_s``: includes any tracing and
+    compilation) and excluded; then ``repeats`` calls are timed one by one. Returns the median,
+    min, max and all step times in seconds, and how many compilations happened during the timed
+    calls (should be 0), and (``probe``) :func:`contention_probe` before and after the timed calls.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be ≥ 1")
+    first = None
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        first = time.perf_counter() - t0 if first is None else first
+    probe_before = contention_probe() if probe else None
+    compiled_since = compile_counter()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    compiles = compiled_since()
+    return {
+        "first_call_s": None if first is None else round(first, 4),
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": [round(t, 5) for t in times],
+        "compiles_during_timing": compiles,
+        "probe_gflops_before": probe_before,
+        "probe_gflops_after": contention_probe() if probe else None,
+    }
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Runs ``fn()`` once and returns (result, seconds); blocks on any arrays in the result."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
+def matmul_gflops(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> dict[str, Any]:
+    """Measured ``jit(jnp.dot)`` throughput for an n×n @ n×n product: the practical dot roofline."""
+    import jax.numpy as jnp
+
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+    dot = jax.jit(jnp.dot)
+    stats = time_calls(lambda: dot(a, b), repeats=repeats, probe=False)
+    flops = 2.0 * n**3
+    return {
+        "bench": "matmul_roofline",
+        "dtype": dtype,
+        "n": n,
+        "gflops": round(flops / stats["median_s"] / 1e9, 1),
+        "best_gflops": round(flops / stats["min_s"] / 1e9, 1),
+        "median_s": round(stats["median_s"], 5),
+    }
+
+
+def contention_probe(n: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of a small float32 ``jit(jnp.dot)``: drops well below the roofline when others run."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, a))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dot(a, a))
+        times.append(time.perf_counter() - t0)
+    return round(2.0 * n**3 / statistics.median(times) / 1e9, 1)
+
+
+def run_child(argv: list[str], timeout: float | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Runs ``python argv...`` in a fresh process; returns its JSON lines (parsed) and wall time.
+
+    The child's stderr passes through; a child that crashes or is killed (e.g. out of memory)
+    yields a single record with ``"error"`` instead of raising, so one bad config does not end
+    the sweep.
+    """
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout
+        )
+        stdout, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout or ""
+        stdout, rc = out if isinstance(out, str) else out.decode(), f"timeout after {timeout}s"
+    wall = time.perf_counter() - t0
+    records = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    if rc != 0:
+        records.append({"error": f"child exited with {rc}", "argv": argv[1:]})
+    return records, wall

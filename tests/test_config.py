@@ -1,0 +1,74 @@
+"""Config loading: YAML + dotted overrides, round trips, and errors that name the dotted path."""
+
+from pathlib import Path
+
+import pytest
+
+from xlstm_eqx.config import Config, ConfigError, ModelConfig, from_dict, load_config, to_dict
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_loads_and_round_trips(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert from_dict(Config, to_dict(config)) == config
+
+
+def test_overrides_are_parsed_as_yaml_and_coerced():
+    config = load_config(
+        CONFIGS / "tiny.yaml",
+        [
+            "model.num_blocks=4",
+            "model.qk_dim_factor=1",
+            "model.fgate_bias_init=[1, 2]",
+            "model.gate_soft_cap=null",
+        ],
+    )
+    assert config.model.num_blocks == 4
+    assert config.model.qk_dim_factor == 1.0 and isinstance(config.model.qk_dim_factor, float)
+    assert config.model.fgate_bias_init == (1.0, 2.0)
+    assert config.model.gate_soft_cap is None
+
+
+def test_derived_sizes_of_the_7b_preset():
+    model = load_config(CONFIGS / "xlstm_v1_7b.yaml").model
+    assert (model.qk_head_dim, model.v_head_dim, model.ffn_hidden_dim) == (256, 512, 10944)
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "fragment"),
+    [
+        ("model.num_blcks=4", "model.num_blcks", "unknown key"),
+        ("model.num_blocks=four", "model.num_blocks", "expected int"),
+        ("model.num_blocks=2.5", "model.num_blocks", "expected int"),
+        ("model.kernel=flash", "model.kernel", "expected"),
+        ("model.num_heads=3", "model.qk_dim_factor", "multiple of num_heads = 3"),
+        ("model.chunk_size=0", "model.chunk_size", "must be positive"),
+        ("model.fgate_bias_init=[1, 2, 3]", "model.fgate_bias_init", "expected"),
+        ("model=3", "model", "expected a mapping"),
+        ("seed.x=1", "seed", "expected int"),
+        ("model.num_blocks.x=1", "model.num_blocks", "is a value, not a section"),
+    ],
+)
+def test_bad_values_name_the_dotted_path(override, path, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert info.value.path == path
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_configs_are_frozen_and_hashable():
+    config = ModelConfig()
+    with pytest.raises(AttributeError):
+        config.num_blocks = 3  # type: ignore[misc]
+    assert hash(config) == hash(ModelConfig())

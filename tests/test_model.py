@@ -1,0 +1,160 @@
+"""xLSTMLM: equivalent execution paths, initialisation, dtype policy and bad input."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import TypeCheckError
+
+from xlstm_eqx.config import ModelConfig
+from xlstm_eqx.models import build, count_params
+from xlstm_eqx.models.layers import small_init_std, wang_init_std
+
+TINY = ModelConfig(vocab_size=97, embedding_dim=64, num_blocks=3, num_heads=2, chunk_size=8)
+
+
+def perturbed(model, key, scale=0.3):
+    """Random gate weights so that gates and soft caps matter (a fresh init has zero gate kernels)."""
+    leaves, treedef = jax.tree.flatten(model)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [
+        leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) if eqx.is_inexact_array(leaf) else leaf
+        for leaf, k in zip(leaves, keys)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed(build(TINY, key=jax.random.key(0)), jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jax.random.randint(jax.random.key(2), (45,), 0, TINY.vocab_size)
+
+
+def scale_error(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def test_full_equals_chunked_equals_token_by_token(model, tokens):
+    full, final = eqx.filter_jit(lambda m, t: m(t))(model, tokens)
+    first, state = model(tokens[:19])
+    second, chunked_final = model(tokens[19:], state)
+    assert scale_error(jnp.concatenate([first, second]), full) <= 1e-5
+
+    step = eqx.filter_jit(lambda m, t, s: m(t, s))
+    state, outs = None, []
+    for t in range(tokens.shape[0]):
+        logits, state = step(model, tokens[t : t + 1], state if state is not None else model.init_state())
+        outs.append(logits)
+    assert scale_error(jnp.concatenate(outs), full) <= 1e-5
+    for got in (chunked_final, state):
+        assert all(scale_error(a, b) <= 1e-5 for a, b in zip(got, final))
+
+
+@pytest.mark.parametrize("kernel", ["parallel", "recurrent"])
+def test_kernels_agree_in_the_model(model, tokens, kernel):
+    reference, _ = model(tokens)
+    logits, _ = model(tokens, kernel=kernel)
+    assert scale_error(logits, reference) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"scan_blocks": False}, {"remat": "block"}, {"remat": "dots"}, {"kernel": "parallel", "chunk_size": 5}],
+)
+def test_execution_policies_do_not_change_results(x64, change):
+    """Checked in float64: in float32 these gradients carry only ~5 digits (both paths ~1e-5 from float64)."""
+    config = ModelConfig(**{**TINY.__dict__, "num_blocks": 2, "param_dtype": "float64", "compute_dtype": "float64"})
+    model = perturbed(build(config, key=jax.random.key(0)), jax.random.key(1))
+    other = model.with_policy(**change)
+    tokens = jax.random.randint(jax.random.key(2), (21,), 0, TINY.vocab_size)  # 2 chunks of 8 + a remainder
+
+    def loss(m):
+        return jnp.mean(m(tokens)[0] ** 2)
+
+    value, grads = eqx.filter_value_and_grad(loss)(model)
+    other_value, other_grads = eqx.filter_value_and_grad(loss)(other)
+    assert abs(float(value - other_value)) <= 1e-10 * abs(float(value))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
+        assert scale_error(a, b) <= 1e-10
+
+
+def test_document_reset_isolates_documents(model, tokens):
+    reset = jnp.zeros(tokens.shape, bool).at[20].set(True)
+    logits, _ = model(tokens, reset=reset)
+    other_first_doc = tokens.at[:20].set((tokens[:20] + 7) % TINY.vocab_size)
+    other, _ = model(other_first_doc, reset=reset)
+    np.testing.assert_array_equal(other[20:], logits[20:])  # the wipe is exact, not exp(-25)
+    assert not np.allclose(other[:20], logits[:20])
+    alone, _ = model(tokens[20:])  # other chunk alignment, so equal up to rounding
+    assert scale_error(alone, logits[20:]) <= 1e-5
+
+
+def test_batched_with_vmap(model, tokens):
+    batch = jnp.stack([tokens, jnp.flip(tokens)])
+    logits, state = jax.vmap(model)(batch)
+    assert logits.shape == (2, 45, TINY.vocab_size) and state.C.shape == (2, 3, 2, 16, 32)
+    assert scale_error(logits[1], model(jnp.flip(tokens))[0]) <= 1e-5
+
+
+def test_initialisation_follows_the_spec():
+    m = build(TINY, key=jax.random.key(0))
+    layer = m.blocks.mlstm_layer
+    assert m.blocks.norm_mlstm.weight.shape == (3, 64)
+    np.testing.assert_array_equal(layer.igate_preact.bias, -10.0)
+    np.testing.assert_allclose(layer.fgate_preact.bias[0], [3.0, 6.0])
+    for zero in (layer.igate_preact.weight, layer.fgate_preact.weight, layer.ogate_preact.weight):
+        np.testing.assert_array_equal(zero, 0.0)
+    np.testing.assert_array_equal(layer.multihead_norm.norms.weight, 1.0)
+    np.testing.assert_allclose(jnp.std(layer.q.weight), small_init_std(64), rtol=0.1)
+    np.testing.assert_allclose(jnp.std(layer.out_proj.weight), wang_init_std(64, 3), rtol=0.1)
+    np.testing.assert_allclose(jnp.std(m.blocks.ffn.proj_down.weight), wang_init_std(64, 3), rtol=0.1)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(m, eqx.is_inexact_array)))
+
+
+def test_tied_embeddings_share_the_table(tokens):
+    tied = ModelConfig(**{**TINY.__dict__, "tie_word_embeddings": True})
+    m = build(tied, key=jax.random.key(0))
+    assert m.lm_head is None
+    assert count_params(tied) == count_params(TINY) - TINY.vocab_size * TINY.embedding_dim
+    assert m(tokens)[0].shape == (45, TINY.vocab_size)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(model, tokens):
+    bf16 = model.with_policy(compute_dtype="bfloat16")
+    logits, state = bf16(tokens)
+    reference, _ = model(tokens)
+    assert logits.dtype == jnp.float32 and state.C.dtype == jnp.float32
+    assert scale_error(logits, reference) < 0.05  # bfloat16 has 8 mantissa bits
+
+
+def test_with_policy_reaches_every_layer_and_rejects_sizes(model):
+    other = model.with_policy(kernel="recurrent", chunk_size=3)
+    assert other.blocks.mlstm_layer.config.kernel == "recurrent" and other.config.chunk_size == 3
+    assert other.blocks.mlstm_layer.q.weight is model.blocks.mlstm_layer.q.weight
+    with pytest.raises(ValueError, match="num_blocks"):
+        model.with_policy(num_blocks=2)
+
+
+def test_count_params_from_config_matches_model():
+    assert count_params(TINY) == count_params(build(TINY, key=jax.random.key(0)))
+
+
+@pytest.mark.parametrize("bad", [-1, TINY.vocab_size])
+def test_token_ids_out_of_range_raise_eagerly_and_under_jit(model, tokens, bad):
+    bad_tokens = tokens.at[3].set(bad)
+    with pytest.raises(Exception, match="token id outside"):
+        model(bad_tokens)
+    with pytest.raises(Exception, match="token id outside"):
+        jax.block_until_ready(eqx.filter_jit(lambda m, t: m(t))(model, bad_tokens))
+
+
+def test_wrong_shapes_name_the_dimension(model, tokens):
+    with pytest.raises(TypeCheckError, match="t"):
+        model(tokens[None, :])  # a batch must be vmapped, not passed whole
+    with pytest.raises(TypeCheckError):
+        model(tokens.astype(jnp.float32))
