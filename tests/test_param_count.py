@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from xlstm_eqx.config import load_config  # noqa: E402
 from xlstm_eqx.models import count_params  # noqa: E402
-from xlstm_eqx.models.hf_interop import _hf_ffn_width, model_config_to_hf  # noqa: E402
+from xlstm_eqx.models.hf_config import _hf_ffn_width, model_config_to_hf  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -56,8 +56,13 @@ def demo(args: argparse.Namespace) -> int:
     final = float(loss_fn(model, eval_rows))
     # After the first period the continuation is determined: the best loss is log(alphabet) / periods.
     floor = float(jnp.log(alphabet)) * args.period / args.length
-    result = dict(eval_loss_before=initial, eval_loss_after=final, eval_loss_floor=floor, steps=args.steps,
-                  tokens_per_s=args.steps * args.batch * args.length / elapsed)
+    result = dict(
+        eval_loss_before=initial,
+        eval_loss_after=final,
+        eval_loss_floor=floor,
+        steps=args.steps,
+        tokens_per_s=args.steps * args.batch * args.length / elapsed,
+    )
     print(json.dumps(result))
     return 0 if final < initial else 1
 
