@@ -84,9 +84,7 @@ def compile_counter() -> Callable[[], int]:
     return lambda: _compiles["count"] - start
 
 
-def time_calls(
-    call: Callable[[], Any], repeats: int = 5, warmup: int = 1, probe: bool = True
-) -> dict[str, Any]:
+def time_calls(call: Callable[[], Any], repeats: int = 5, warmup: int = 1, probe: bool = True) -> dict[str, Any]:
     """Times ``call()`` (a zero-argument closure; it may carry state between calls).
 
     The first ``warmup`` calls are timed separately (``first_call_s``: includes any tracing and
@@ -172,9 +170,7 @@ def run_child(argv: list[str], timeout: float | None = None) -> tuple[list[dict[
     """
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(
-            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout
-        )
+        proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
         stdout, rc = proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as err:
         out = err.stdout or ""

@@ -25,7 +25,9 @@ How
     ``"skipped"``) where T²·BH·4 bytes ≥ ``--max-quadratic-gib`` (default 4 GiB).
 
 Usage
-    python benchmarks/kernels.py                       # full sweep
+    python benchmarks/kernels.py                       # full sweep (~7 min on 2 cores, ~7 GB peak:
+                                                       #   parallel T=4096 alone takes ~4 min)
+    python benchmarks/kernels.py --max-quadratic-gib 1 # same without parallel T≥4096 (~3 min)
     python benchmarks/kernels.py --quick               # T 256 1024, 16384 head-tokens
     python benchmarks/kernels.py --T 256 1024 --kernels chunkwise --modes fwd
 """

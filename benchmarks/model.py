@@ -110,9 +110,7 @@ def run_single(preset: str, dtype: str, mode: str, args: argparse.Namespace) -> 
         stats = time_calls(lambda: forward(model, inputs), repeats=args.steps)
         extra = {}
     else:
-        optimizer = optax.chain(
-            optax.clip_by_global_norm(1.0), optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.1)
-        )
+        optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.1))
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
         @eqx.filter_jit(donate="all-except-first")

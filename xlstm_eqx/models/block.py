@@ -45,8 +45,9 @@ class XLSTMBlock(eqx.Module):
         reset: Bool[Array, " t"] | None = None,
         *,
         kernel: str | None = None,
+        tp_axis: str | None = None,
     ) -> tuple[Float[Array, "t d"], MLSTMState]:
-        y, state = self.mlstm_layer(apply_norm(self.norm_mlstm, x), state, reset, kernel=kernel)
+        y, state = self.mlstm_layer(apply_norm(self.norm_mlstm, x), state, reset, kernel=kernel, tp_axis=tp_axis)
         x = x + y
-        x = x + self.ffn(apply_norm(self.norm_ffn, x))
+        x = x + self.ffn(apply_norm(self.norm_ffn, x), tp_axis)
         return x, state

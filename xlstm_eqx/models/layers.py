@@ -33,6 +33,20 @@ def project(
     return y if bias is None else y + bias.astype(out_dtype)
 
 
+def row_parallel(
+    layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], tp_axis: str | None
+) -> Float[Array, "*batch d_out"]:
+    """``dense`` for a layer whose input features are split over mesh axis ``tp_axis`` (tensor parallel).
+
+    Each device holds a slice of the weight's input columns and computes a partial product; the
+    partials are summed over ``tp_axis`` and the (replicated) bias is added once, after the sum.
+    """
+    y = project(x, layer.weight)
+    if tp_axis is not None:
+        y = jax.lax.psum(y, tp_axis)
+    return y if layer.bias is None else y + layer.bias.astype(y.dtype)
+
+
 def gate_dtype(compute_dtype) -> jnp.dtype:
     """Gates, cell states and logits: float32, or float64 when the model computes in float64."""
     # Not jnp.promote_types: it raises for (bfloat16 | float64, float32) under strict dtype promotion.
@@ -106,5 +120,7 @@ class FeedForward(eqx.Module):
         self.proj_up = normal_(linear(dim, hidden, k2), std_in, k2)
         self.proj_down = normal_(linear(hidden, dim, k3), std_out, k3)
 
-    def __call__(self, u: Float[Array, "t d"]) -> Float[Array, "t d"]:
-        return dense(self.proj_down, jax.nn.silu(dense(self.proj_up_gate, u)) * dense(self.proj_up, u))
+    def __call__(self, u: Float[Array, "t d"], tp_axis: str | None = None) -> Float[Array, "t d"]:
+        """``tp_axis``: mesh axis over which the hidden features are split (None: not split)."""
+        hidden = jax.nn.silu(dense(self.proj_up_gate, u)) * dense(self.proj_up, u)
+        return row_parallel(self.proj_down, hidden, tp_axis)

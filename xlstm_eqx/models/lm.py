@@ -25,6 +25,12 @@ REMAT_POLICIES = {
 }
 
 
+def check_token_range(tokens: Int[Array, "*shape"], vocab_size: int) -> Int[Array, "*shape"]:
+    """``tokens``, raising ``EquinoxRuntimeError`` (eagerly or from inside jit) if any id is outside [0, vocab)."""
+    outside = (tokens < 0) | (tokens >= vocab_size)
+    return eqx.error_if(tokens, outside, f"token id outside [0, vocab_size={vocab_size})")
+
+
 class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
     """One sequence in, logits and the recurrent state out; vmap over the batch.
 
@@ -67,34 +73,35 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         *,
         reset: Bool[Array, " t"] | None = None,
         kernel: str | None = None,
+        tp_axis: str | None = None,
+        check_token_ids: bool = True,
     ) -> tuple[Float[Array, "t vocab"], MLSTMState]:
         """Logits (float32) for every position and the state after the last token.
 
         ``reset[t]`` marks a document start: the memory is wiped before token t is written.
-        ``kernel`` overrides the configured mLSTM kernel for this call. Token ids outside
-        [0, vocab_size) raise an ``EquinoxRuntimeError``, eagerly and under ``jit`` alike (the
-        check runs on device; set ``EQX_ON_ERROR=nan`` to turn it off).
+        ``kernel`` overrides the configured mLSTM kernel for this call. ``tp_axis`` names the mesh axis over
+        which heads and FFN features are split when called inside ``shard_map`` with tensor parallelism.
+        Token ids outside [0, vocab_size) raise an ``EquinoxRuntimeError``, eagerly and under ``jit`` alike (the
+        check runs on device; set ``EQX_ON_ERROR=nan`` to turn it off). Inside ``shard_map`` the check cannot
+        run: callers there pass ``check_token_ids=False`` and validate the global batch beforehand.
         """
         c = self.config
-        tokens = eqx.error_if(
-            tokens,
-            (tokens < 0) | (tokens >= c.vocab_size),
-            f"token id outside [0, vocab_size={c.vocab_size})",
-        )
+        if check_token_ids:
+            tokens = check_token_range(tokens, c.vocab_size)
         x = jnp.take(self.embedding.weight, tokens, axis=0).astype(c.compute_dtype)
-        x, state = self._run_blocks(x, state, reset, kernel)
+        x, state = self._run_blocks(x, state, reset, kernel, tp_axis)
         x = apply_norm(self.out_norm, x)
         head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
         logits = project(x, head_weight, out_dtype=gate_dtype(c.compute_dtype))
         return soft_cap(logits, c.output_logit_soft_cap), state
 
-    def _run_blocks(self, x, state, reset, kernel):
+    def _run_blocks(self, x, state, reset, kernel, tp_axis):
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def body(x, layer):
             block_params, block_state = layer
             block = eqx.combine(block_params, static)
-            return block(x, block_state, reset, kernel=kernel)
+            return block(x, block_state, reset, kernel=kernel, tp_axis=tp_axis)
 
         policy = self.config.remat
         if policy != "none":

@@ -11,7 +11,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..config import ModelConfig
 from .kernels import KERNELS, MLSTMState
-from .layers import MultiHeadNorm, dense, gate_dtype, normal_, small_init_std, soft_cap, wang_init_std
+from .layers import MultiHeadNorm, dense, gate_dtype, normal_, row_parallel, small_init_std, soft_cap, wang_init_std
 
 
 class MLSTMLayer(eqx.Module):
@@ -66,11 +66,14 @@ class MLSTMLayer(eqx.Module):
         reset: Bool[Array, " t"] | None = None,
         *,
         kernel: str | None = None,
+        tp_axis: str | None = None,
     ) -> tuple[Float[Array, "t d"], MLSTMState]:
+        """``tp_axis``: mesh axis over which heads are split; this device's weights then hold its heads only."""
         c = self.config
         t_len = u.shape[0]
-        heads = lambda x: x.reshape(t_len, c.num_heads, -1)  # noqa: E731
-        q, k, v = heads(dense(self.q, u)), heads(dense(self.k, u)), heads(dense(self.v, u))
+        heads = lambda x, dim: x.reshape(t_len, -1, dim)  # noqa: E731  (local heads under tensor parallelism)
+        q, k = heads(dense(self.q, u), c.qk_head_dim), heads(dense(self.k, u), c.qk_head_dim)
+        v = heads(dense(self.v, u), c.v_head_dim)
         acc = gate_dtype(u.dtype)
         gate_in = u.astype(acc)
         i_pre = soft_cap(dense(self.igate_preact, gate_in), c.gate_soft_cap)
@@ -80,7 +83,7 @@ class MLSTMLayer(eqx.Module):
         h, state = cell(q, k, v, i_pre, f_pre, state, reset)
         h = self.multihead_norm(h.astype(u.dtype)).reshape(t_len, -1)
         out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u))
-        return dense(self.out_proj, out_gate * h), state
+        return row_parallel(self.out_proj, out_gate * h, tp_axis), state
 
 
 def run_cell(

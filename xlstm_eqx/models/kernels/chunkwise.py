@@ -17,6 +17,7 @@ from .common import (
     pairwise_log_decay,
     read_out,
     resets_so_far,
+    vary_like,
     zero_state,
 )
 
@@ -36,7 +37,7 @@ def chunkwise(
     """Same outputs and final state as :func:`recurrent`, computed chunk by chunk."""
     acc = accumulation_dtype(i_preact)
     t_len, dk = q.shape
-    state = initial_state or zero_state(dk, v.shape[-1], acc)
+    state = vary_like(initial_state or zero_state(dk, v.shape[-1], acc), q, k, v, i_preact, f_preact)
     length = min(chunk_size, t_len)
     n_full = t_len // length
     split = n_full * length

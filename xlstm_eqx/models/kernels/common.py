@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Float
 
 
@@ -29,6 +30,28 @@ class MLSTMState(NamedTuple):
 def zero_state(dk: int, dv: int, dtype=jnp.float32) -> MLSTMState:
     """The empty memory (m = 0, as in the recurrent definition)."""
     return MLSTMState(jnp.zeros((dk, dv), dtype), jnp.zeros((dk,), dtype), jnp.zeros((), dtype))
+
+
+def _varying_axes(x: Array) -> frozenset[str]:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside it)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax ≥ 0.10; older releases call it ``vma``
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def vary_like(state: MLSTMState, *inputs: Array) -> MLSTMState:
+    """``state`` marked as varying over every mesh axis the inputs vary over.
+
+    A scan's carry must keep its type; inside ``shard_map`` a zero initial state is invariant while its
+    updates (computed from sharded inputs) vary, so the carry is cast up front. No-op outside shard_map.
+    """
+    axes = frozenset().union(*(_varying_axes(x) for x in inputs))
+
+    def cast(leaf: Array) -> Array:
+        missing = tuple(sorted(axes - _varying_axes(leaf)))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return MLSTMState(*(cast(leaf) for leaf in state))
 
 
 def accumulation_dtype(i_preact: Array) -> jnp.dtype:

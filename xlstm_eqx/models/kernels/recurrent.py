@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from .common import MLSTMState, accumulation_dtype, log_forget, read_out, zero_state
+from .common import MLSTMState, accumulation_dtype, log_forget, read_out, vary_like, zero_state
 
 
 def recurrent_step(
@@ -51,7 +51,7 @@ def recurrent(
 ) -> tuple[Float[Array, "t dv"], MLSTMState]:
     """The recurrence scanned over a sequence; returns all outputs and the final state."""
     acc = accumulation_dtype(i_preact)
-    state = initial_state or zero_state(q.shape[-1], v.shape[-1], acc)
+    state = vary_like(initial_state or zero_state(q.shape[-1], v.shape[-1], acc), q, k, v, i_preact, f_preact)
     resets = reset if reset is not None else jnp.zeros(q.shape[:1], bool)
 
     def step(carry: MLSTMState, xs):

@@ -1,0 +1,18 @@
+"""Meshes and shardings: the only package that knows the axis names."""
+
+from .mesh import AXES, BATCH_AXES, FSDP_AXIS, TP_AXIS, batch_parallel_size, make_mesh
+from .sharding import batch_spec, dotted_path, named, optimizer_state_specs, parameter_specs
+
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "FSDP_AXIS",
+    "TP_AXIS",
+    "batch_parallel_size",
+    "batch_spec",
+    "dotted_path",
+    "make_mesh",
+    "named",
+    "optimizer_state_specs",
+    "parameter_specs",
+]

@@ -1,0 +1,40 @@
+"""Building the ``('data', 'fsdp', 'model')`` mesh. The only module besides ``sharding`` that knows axis names."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from ..config.mesh import MeshConfig
+
+AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over these; 'model' ranks see the same rows
+TP_AXIS = "model"
+FSDP_AXIS = "fsdp"
+
+
+def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
+    """A mesh over ``devices`` (default: all) with Auto axis types (GSPMD propagation outside shard_map).
+
+    Raises ValueError naming the sizes when the mesh does not fit the devices present.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    fixed = config.fsdp * config.model
+    data = config.data if config.data != -1 else len(devices) // fixed
+    shape = (data, config.fsdp, config.model)
+    needed = math.prod(shape)
+    if data < 1 or needed > len(devices) or (config.data == -1 and len(devices) % fixed):
+        raise ValueError(
+            f"mesh data={config.data} fsdp={config.fsdp} model={config.model} needs {max(needed, fixed)} devices "
+            f"(a multiple of {fixed} for data=-1), but {len(devices)} are present"
+        )
+    grid = np.asarray(devices[:needed], dtype=object).reshape(shape)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def batch_parallel_size(mesh: Mesh) -> int:
+    """Number of distinct batch slices: data × fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,81 @@
+"""TrainState and ``init``: every array placed with its sharding from the start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Int, PRNGKeyArray
+
+from ..parallel import named, optimizer_state_specs, parameter_specs
+
+
+class TrainState(eqx.Module):
+    """Data only: the step counter, the model's arrays, the optimizer state and the base PRNG key.
+
+    The static half of the model and the optimizer are closed over by the step functions. Per-step
+    randomness is ``jax.random.fold_in(key, step)``, so a resumed run draws the same numbers.
+    """
+
+    step: Int[Array, ""]
+    params: Any  # the model with only its arrays (eqx.partition(model, eqx.is_array)[0])
+    opt_state: optax.OptState
+    key: PRNGKeyArray
+
+
+def is_array_like(x: Any) -> bool:
+    return isinstance(x, jax.Array | jax.ShapeDtypeStruct)
+
+
+def split_model(model: eqx.Module) -> tuple[Any, Any]:
+    """(arrays, static) halves of a model (or of its shapes); ``eqx.combine`` rebuilds it."""
+    return eqx.partition(model, is_array_like)
+
+
+def state_shardings(state_shapes: TrainState, mesh: Mesh, fsdp_min_weight_size: int) -> TrainState:
+    """NamedShardings for every leaf of a TrainState (from its shapes)."""
+    param_specs = parameter_specs(state_shapes.params, mesh, fsdp_min_weight_size)
+    opt_specs = optimizer_state_specs(state_shapes.opt_state, state_shapes.params, param_specs)
+    replicated = NamedSharding(mesh, P())
+    return eqx.tree_at(  # tree_at, not TrainState(...): the leaves are shardings, not arrays
+        lambda s: (s.step, s.params, s.opt_state, s.key),
+        state_shapes,
+        (replicated, named(mesh, param_specs), named(mesh, opt_specs), replicated),
+    )
+
+
+def init(
+    model: eqx.Module | Callable[..., eqx.Module],
+    tx: optax.GradientTransformation,
+    *,
+    key: PRNGKeyArray,
+    mesh: Mesh,
+    fsdp_min_weight_size: int = 2**18,
+) -> tuple[TrainState, Any]:
+    """A sharded TrainState and the model's static half.
+
+    Pass a builder called as ``model(key=...)`` (e.g. ``functools.partial(xe.models.build, cfg.model)``) to build the
+    model under ``jit`` with output shardings, so no unsharded full copy is ever materialised; a built
+    model is placed shard by shard instead.
+    """
+    model_key, train_key = jax.random.split(key)
+    build = (lambda key: model) if isinstance(model, eqx.Module) else (lambda key: model(key=key))
+
+    def make_state(k: PRNGKeyArray) -> TrainState:
+        params, _ = split_model(build(k))
+        with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict promotion
+            opt_state = tx.init(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, train_key)
+
+    static = split_model(eqx.filter_eval_shape(build, model_key))[1]
+    shapes = jax.eval_shape(make_state, model_key)
+    shardings = state_shardings(shapes, mesh, fsdp_min_weight_size)
+    if isinstance(model, eqx.Module):
+        return jax.device_put(make_state(model_key), shardings), static
+    return jax.jit(make_state, out_shardings=shardings)(model_key), static

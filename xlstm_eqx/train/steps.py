@@ -1,0 +1,223 @@
+"""The pure step functions: ``train_step`` and ``eval_step``, each ``jit(shard_map(...))`` over the mesh.
+
+Inside ``shard_map`` every device holds its slice of the batch (split over data × fsdp) and its parameter
+shards. FSDP-sharded parameters are all-gathered where the model is applied (the transpose of that gather
+reduce-scatters their gradients); tensor-parallel ones stay split and the model all-reduces its row-parallel
+projections. The optimizer update, norms and the NaN check run outside ``shard_map`` on global arrays, so
+global-norm clipping sees the true norm.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from ..config.train import TrainConfig
+from ..data.batch import Batch
+from ..parallel import BATCH_AXES, FSDP_AXIS, TP_AXIS, batch_parallel_size, batch_spec, dotted_path, parameter_specs
+from .loss import lm_loss
+from .metrics import Measured, accumulate, merge_metrics, reduce_measured
+from .state import TrainState
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, Measured]]]
+
+
+def _gather_fsdp(params: Any, specs: Any) -> Any:
+    """All-gather every FSDP-sharded leaf over 'fsdp' (inside shard_map)."""
+
+    def gather(x, spec):
+        for axis, name in enumerate(spec):
+            if name == FSDP_AXIS:
+                return lax.all_gather(x, FSDP_AXIS, axis=axis, tiled=True)
+        return x
+
+    return jax.tree.map(gather, params, specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def _check_batch(batch: Batch, mesh: Mesh, micro_batches: int = 1) -> None:
+    """Clear errors for a batch the mesh (and accumulation) cannot split evenly, or of the wrong kind."""
+    if not isinstance(batch, Batch):
+        raise TypeError(f"expected an xlstm_eqx.data.Batch, got {type(batch).__name__}")
+    rows = batch.inputs.shape[0]
+    for name in ("inputs", "targets", "loss_mask", "segment_ids", "positions"):
+        field = getattr(batch, name)
+        if field.ndim != 2 or field.shape != batch.inputs.shape:
+            raise ValueError(f"batch.{name} has shape {field.shape}; expected (batch, time) = {batch.inputs.shape}")
+    for name in ("inputs", "targets", "segment_ids", "positions"):
+        if not jnp.issubdtype(getattr(batch, name).dtype, jnp.integer):
+            raise TypeError(f"batch.{name} must hold integers, got {getattr(batch, name).dtype}")
+    parallel = batch_parallel_size(mesh)
+    if rows % (parallel * micro_batches):
+        raise ValueError(
+            f"global batch size {rows} is not divisible by data×fsdp = {parallel}"
+            + (f" × gradient_accumulate_steps = {micro_batches}" if micro_batches > 1 else "")
+        )
+
+
+def _validate_tokens(batch: Batch, static: Any) -> Batch:
+    """Token ids outside [0, vocab) raise at run time (checked on the global arrays, before shard_map)."""
+    vocab = getattr(getattr(static, "config", None), "vocab_size", None)
+    if vocab is None:
+        return batch
+    ids = jnp.stack([batch.inputs, batch.targets])
+    # Check a scalar, not the batch: error_if's cond would otherwise gather the whole batch on one device.
+    outside = jnp.sum(((ids < 0) | (ids >= vocab)).astype(jnp.int32))
+    zero = eqx.error_if(jnp.zeros((), jnp.int32), outside > 0, f"token id outside [0, vocab_size={vocab})")
+    return eqx.tree_at(lambda b: b.inputs, batch, batch.inputs + zero)  # the dependency keeps the check alive
+
+
+def _batch_specs(batch: Batch) -> Any:
+    return jax.tree.map(lambda x: batch_spec(x.ndim), batch)
+
+
+def _tp_axis(mesh: Mesh) -> str | None:
+    return TP_AXIS if mesh.shape[TP_AXIS] > 1 else None
+
+
+def _norms(tree: Any, prefix: str, per_param: bool) -> dict[str, Measured]:
+    """Global L2 norm (and per-parameter norms) of a pytree of global arrays, as count-1 measurements."""
+    one = jnp.ones((), jnp.float32)
+    out = {prefix: Measured(optax.global_norm(tree).astype(jnp.float32), one)}
+    if per_param:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            out[f"{prefix}_{dotted_path(path)}"] = Measured(jnp.linalg.norm(leaf.ravel()).astype(jnp.float32), one)
+    return out
+
+
+def make_train_step(
+    static: Any,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    config: TrainConfig = TrainConfig(),
+    *,
+    loss_fn: LossFn = lm_loss,
+    fsdp_min_weight_size: int = 2**18,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Any]]:
+    """``train_step(state, batch) -> (state, metrics)``: one optimizer update from ``batch``.
+
+    ``static`` is the model's static half (from ``init``). Gradients are of Σ CE / (global token count)
+    summed over ``gradient_accumulate_steps`` micro-batches, so accumulation equals one big batch. With
+    ``check_for_nan`` a step whose loss or gradients are not finite leaves parameters and optimizer state
+    unchanged and reports ``nonfinite`` = 1. The state is donated unless ``donate_train_state`` is off.
+    """
+    micro_batches = config.gradient_accumulate_steps
+    tp_axis = _tp_axis(mesh)
+
+    def local_grads(params, batch, key, specs):
+        total = lax.psum(jnp.sum(batch.loss_mask.astype(jnp.float32)), BATCH_AXES)
+        denominator = jnp.maximum(total, 1.0)
+        device_key = jax.random.fold_in(key, lax.axis_index(BATCH_AXES))
+
+        def grads_of(micro: Batch, index):
+            def objective(p):
+                model = eqx.combine(_gather_fsdp(p, specs), static)
+                value, measured = loss_fn(
+                    model, micro, jax.random.fold_in(device_key, index), z_loss=config.z_loss, tp_axis=tp_axis
+                )
+                return lax.psum(value, BATCH_AXES) / denominator.astype(value.dtype), measured
+
+            (_, measured), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return grads, measured
+
+        if micro_batches == 1:
+            grads, measured = grads_of(batch, 0)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+            take = lambda i: jax.tree.map(lambda x: x[i], micro)  # noqa: E731
+            if config.gradient_accumulate_scan:
+                # The carry starts from micro-batch 0's real sums (not zeros), so its types, including which
+                # mesh axes it varies over inside shard_map, are those of the body's output.
+
+                def body(carry, i):
+                    return jax.tree.map(jnp.add, carry, grads_of(take(i), i)), None
+
+                (grads, measured), _ = lax.scan(body, grads_of(take(0), 0), jnp.arange(1, micro_batches))
+            else:
+                grads, measured = grads_of(take(0), 0)
+                for i in range(1, micro_batches):
+                    grads, measured = jax.tree.map(jnp.add, (grads, measured), grads_of(take(i), i))
+        return grads, reduce_measured(measured, config.default_train_log_modes, BATCH_AXES)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
+        _check_batch(batch, mesh, micro_batches)
+        batch = _validate_tokens(batch, static)
+        specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
+        grads_fn = jax.shard_map(
+            functools.partial(local_grads, specs=specs),
+            mesh=mesh,
+            in_specs=(specs, _batch_specs(batch), P()),
+            out_specs=(specs, P()),
+        )
+        grads, measured = grads_fn(state.params, batch, jax.random.fold_in(state.key, state.step))
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        one = jnp.ones((), jnp.float32)
+        modes: dict[str, tuple[str, ...]] = {}
+        if config.check_for_nan:
+            finite = jnp.isfinite(measured["loss"].value) & jnp.isfinite(optax.global_norm(grads))
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            measured["nonfinite"] = Measured(1.0 - finite.astype(jnp.float32), one)
+            modes["nonfinite"] = ("max",)
+        if config.log_grad_norm:
+            measured.update(_norms(grads, "grad_norm", config.log_grad_norm_per_param))
+        if config.log_param_norm:
+            param_norms = _norms(params, "param_norm", config.log_param_norm_per_param)
+            measured.update(param_norms)
+            modes.update({name: ("mean_nopostfix",) for name in param_norms})
+        metrics = accumulate(measured, {**_default_modes(measured, config.default_train_log_modes), **modes})
+        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+    if config.debug:
+        return train_step
+    return jax.jit(train_step, donate_argnums=(0,) if config.donate_train_state else ())
+
+
+def _default_modes(measured: dict, default: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    return {name: default for name in measured}
+
+
+def make_eval_step(
+    static: Any,
+    mesh: Mesh,
+    config: TrainConfig = TrainConfig(),
+    *,
+    loss_fn: LossFn = lm_loss,
+    fsdp_min_weight_size: int = 2**18,
+) -> Callable[[TrainState, Batch, Any], Any]:
+    """``eval_step(state, batch, metrics) -> metrics``: folds one batch's loss/accuracy into ``metrics``
+    (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``); randomness, if the loss
+    uses any, is fixed by ``seed_eval`` so evaluation is reproducible."""
+    tp_axis = _tp_axis(mesh)
+    eval_modes = ("mean_nopostfix",)
+
+    def local_eval(params, batch, specs):
+        model = eqx.combine(_gather_fsdp(params, specs), static)
+        key = jax.random.fold_in(jax.random.key(config.seed_eval), lax.axis_index(BATCH_AXES))
+        _, measured = loss_fn(model, batch, key, z_loss=config.z_loss, tp_axis=tp_axis)
+        return reduce_measured(measured, eval_modes, BATCH_AXES)
+
+    def eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
+        _check_batch(batch, mesh)
+        batch = _validate_tokens(batch, static)
+        specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
+        measured = jax.shard_map(
+            functools.partial(local_eval, specs=specs),
+            mesh=mesh,
+            in_specs=(specs, _batch_specs(batch)),
+            out_specs=P(),
+        )(state.params, batch)
+        new = accumulate(measured, _default_modes(measured, eval_modes))
+        return new if metrics is None else merge_metrics(metrics, new)
+
+    return eval_step if config.debug else jax.jit(eval_step)
