@@ -1,6 +1,21 @@
 """xlstm_eqx: xLSTM language models in Equinox, trained with pure JAX step functions."""
 
-from . import config, models
-from .config import Config, ConfigError, ModelConfig, load_config
+from . import config, data, models, parallel, train
+from .config import Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from .parallel import make_mesh
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "config", "load_config", "models"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "config",
+    "data",
+    "load_config",
+    "make_mesh",
+    "models",
+    "parallel",
+    "train",
+]

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .mesh import MeshConfig
 from .model import ModelConfig
+from .optim import OptimConfig
 from .parsing import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from .train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,9 @@ class Config:
 
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -26,7 +32,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 __all__ = [
     "Config",
     "ConfigError",
+    "MeshConfig",
     "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
     "apply_overrides",
     "from_dict",
     "load_config",

@@ -62,6 +62,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 

@@ -6,10 +6,49 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..data.batch import Batch, document_starts
+from ..models.kernels import MLSTMState
 from .metrics import Measured
+
+
+def lm_forward(
+    model: eqx.Module,
+    inputs: Array,
+    resets: Bool[Array, "batch t"],
+    state: MLSTMState | None = None,
+    *,
+    tp_axis: str | None = None,
+) -> tuple[Float[Array, "batch t vocab"], MLSTMState]:
+    """Logits for every row (vmapped model) and the recurrent state after the last token.
+
+    Inside shard_map: token ids are validated on the global batch by the step functions, not here.
+    """
+    run = lambda tokens, reset, s: model(tokens, s, reset=reset, tp_axis=tp_axis, check_token_ids=False)  # noqa: E731
+    return jax.vmap(run, in_axes=(0, 0, None if state is None else 0))(inputs, resets, state)
+
+
+def lm_measurements(
+    logits: Float[Array, "batch t vocab"], batch: Batch, z_loss: float = 0.0
+) -> tuple[Float[Array, ""], dict[str, Measured]]:
+    """(Σ over scored tokens of CE [+ z·logsumexp²], {loss, accuracy[, z_loss]} as value/count sums).
+
+    A sum lets the step divide by the GLOBAL token count, so the objective equals the logged token-weighted
+    mean across devices and micro-batches.
+    """
+    mask = batch.loss_mask.astype(logits.dtype)  # float32 (float64 for exact-math runs)
+    count = jnp.sum(mask)
+    ce_sum = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets) * mask)
+    predicted = jnp.argmax(logits, axis=-1).astype(batch.targets.dtype)
+    correct = jnp.sum((predicted == batch.targets).astype(mask.dtype) * mask)
+    measured = {"loss": Measured(ce_sum, count), "accuracy": Measured(correct, count)}
+    objective = ce_sum
+    if z_loss:
+        z_sum = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * mask)
+        objective = objective + z_loss * z_sum
+        measured["z_loss"] = Measured(z_sum, count)
+    return objective, measured
 
 
 def lm_loss(
@@ -20,28 +59,10 @@ def lm_loss(
     z_loss: float = 0.0,
     tp_axis: str | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Measured]]:
-    """(Σ over scored tokens of CE [+ z·logsumexp²], measurements) for this device's rows (inside shard_map;
-    token ids are validated on the global batch by the step functions).
+    """The default loss of the step functions: :func:`lm_measurements` of the model on ``batch``.
 
-    Returning a sum lets the step divide by the GLOBAL token count, so the objective equals the logged
-    token-weighted mean across devices and micro-batches. ``key`` is this step's randomness (the xLSTM
-    has no dropout; custom losses with the same signature may use it).
+    ``key`` is this step's randomness (the xLSTM has no dropout; custom losses with this signature may use it).
     """
     del key
-    resets = document_starts(batch.segment_ids)
-    logits, _ = jax.vmap(lambda tokens, reset: model(tokens, reset=reset, tp_axis=tp_axis, check_token_ids=False))(
-        batch.inputs, resets
-    )
-    mask = batch.loss_mask.astype(logits.dtype)  # float32 (float64 for exact-math runs)
-    count = jnp.sum(mask)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
-    ce_sum = jnp.sum(ce * mask)
-    predicted = jnp.argmax(logits, axis=-1).astype(batch.targets.dtype)
-    correct = jnp.sum((predicted == batch.targets).astype(mask.dtype) * mask)
-    measured = {"loss": Measured(ce_sum, count), "accuracy": Measured(correct, count)}
-    objective = ce_sum
-    if z_loss:
-        z_sum = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * mask)
-        objective = objective + z_loss * z_sum
-        measured["z_loss"] = Measured(z_sum, count)
-    return objective, measured
+    logits, _ = lm_forward(model, batch.inputs, document_starts(batch.segment_ids), tp_axis=tp_axis)
+    return lm_measurements(logits, batch, z_loss)

@@ -1,0 +1,106 @@
+"""``recurrent_eval_step``: evaluate sequences of any length in chunks, carrying the recurrent state.
+
+One compiled function per chunk shape: rows are cut into ``chunk_size`` columns, the last chunk is padded
+(and masked), so a 65,536-token document costs the memory of one chunk. Document starts are found on the
+full rows before cutting, so a chunk border is never mistaken for a new document.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..config.train import TrainConfig
+from ..data.batch import Batch, document_starts
+from ..models.kernels import MLSTMState
+from ..parallel import BATCH_AXES, TP_AXIS, parameter_specs
+from .loss import lm_forward, lm_measurements
+from .metrics import accumulate, merge_metrics, reduce_measured
+from .state import TrainState
+from .steps import _batch_specs, _check_batch, _gather_fsdp, _tp_axis, _validate_tokens
+
+EVAL_MODES = ("mean_nopostfix",)
+
+
+def _state_spec(mesh: Mesh) -> Any:
+    """Model state (rows, blocks, heads, …): rows over data × fsdp, heads over 'model' when it splits them."""
+    heads = TP_AXIS if mesh.shape[TP_AXIS] > 1 else None
+    return MLSTMState(
+        C=P(BATCH_AXES, None, heads, None, None), n=P(BATCH_AXES, None, heads, None), m=P(BATCH_AXES, None, heads)
+    )
+
+
+def make_recurrent_eval_step(
+    static: Any,
+    mesh: Mesh,
+    config: TrainConfig = TrainConfig(),
+    *,
+    chunk_size: int,
+    fsdp_min_weight_size: int = 2**18,
+) -> Callable[[TrainState, Batch, Any], Any]:
+    """``recurrent_eval_step(state, batch, metrics) -> metrics`` for rows of any length.
+
+    Not jitted itself (a Python loop over chunks); each chunk runs one jitted ``shard_map`` step that takes and
+    returns the model's recurrent state, donated between chunks. Equals :func:`make_eval_step` on the same batch
+    up to rounding.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    tp_axis = _tp_axis(mesh)
+    state_spec = _state_spec(mesh)
+
+    def local_chunk(params, model_state, chunk, resets, specs):
+        model = eqx.combine(_gather_fsdp(params, specs), static)
+        logits, model_state = lm_forward(model, chunk.inputs, resets, model_state, tp_axis=tp_axis)
+        _, measured = lm_measurements(logits, chunk, config.z_loss)
+        return model_state, reduce_measured(measured, EVAL_MODES, BATCH_AXES)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def chunk_step(params, model_state, chunk, resets):
+        specs = parameter_specs(params, mesh, fsdp_min_weight_size)
+        return jax.shard_map(
+            functools.partial(local_chunk, specs=specs),
+            mesh=mesh,
+            in_specs=(specs, state_spec, _batch_specs(chunk), P(BATCH_AXES, None)),
+            out_specs=(state_spec, P()),
+        )(params, model_state, chunk, resets)
+
+    def recurrent_eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
+        _check_batch(batch, mesh)
+        batch = _validate_tokens(batch, static)
+        rows, length = batch.inputs.shape
+        resets = document_starts(batch.segment_ids)
+        n_chunks = math.ceil(length / chunk_size)
+        pad = n_chunks * chunk_size - length
+        if pad:  # padded columns are unscored (mask False) and come after every real token
+            batch = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, pad))), batch)
+            resets = jnp.pad(resets, ((0, 0), (0, pad)))
+        model_state = _zero_state(static, rows, mesh, state_spec)
+        for i in range(n_chunks):
+            cut = slice(i * chunk_size, (i + 1) * chunk_size)
+            chunk = jax.tree.map(lambda x, cut=cut: x[:, cut], batch)
+            model_state, measured = chunk_step(state.params, model_state, chunk, resets[:, cut])
+            new = accumulate(measured, EVAL_MODES)
+            metrics = new if metrics is None else merge_metrics(metrics, new)
+        return metrics
+
+    return recurrent_eval_step
+
+
+def _zero_state(static: Any, rows: int, mesh: Mesh, state_spec: Any) -> Any:
+    """The empty recurrent state for ``rows`` sequences, created directly with its sharding."""
+    empty = static.init_state()  # shapes only: init_state allocates small zeros for one sequence
+
+    def make():
+        return jax.tree.map(lambda leaf: jnp.zeros((rows, *leaf.shape), leaf.dtype), empty)
+
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_spec, is_leaf=lambda s: isinstance(s, P))
+    return jax.jit(make, out_shardings=shardings)()
