@@ -182,3 +182,19 @@ def test_bad_batches_and_meshes_are_named():
         step(state, Batch(bad.inputs.astype(jnp.float32), bad.targets, bad.loss_mask, bad.segment_ids, bad.positions))
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(MeshConfig(data=2, fsdp=4, model=2))
+
+
+def test_intermediates_are_logged_per_block():
+    config = TrainConfig(log_intermediates=True, intermediates_log_modes=("mean", "max"))
+    _, history, _ = run((2, 1, 1), config, steps=1, tx=optax.sgd(0.1))
+    logged = history[0]
+    for block in range(MODEL.num_blocks):
+        fgate = logged[f"intermediates/fgate_mean_{block}_mean"]
+        assert 0.0 < fgate < 1.0 and logged[f"intermediates/fgate_mean_{block}_max"] == pytest.approx(fgate)
+        assert f"intermediates/igate_preact_mean_{block}_mean" in logged
+        assert logged[f"intermediates/cell_out_abs_mean_{block}_mean"] > 0.0
+    # Equal on a tensor-parallel mesh (statistics are averaged over all heads, not the local ones).
+    _, tp_history, _ = run((1, 1, 8), config, steps=1, tx=optax.sgd(0.1))
+    for key, value in logged.items():
+        if key.startswith("intermediates/"):
+            assert tp_history[0][key] == pytest.approx(value, rel=1e-5), key

@@ -46,8 +46,9 @@ class XLSTMBlock(eqx.Module):
         *,
         kernel: str | None = None,
         tp_axis: str | None = None,
-    ) -> tuple[Float[Array, "t d"], MLSTMState]:
-        y, state = self.mlstm_layer(apply_norm(self.norm_mlstm, x), state, reset, kernel=kernel, tp_axis=tp_axis)
+    ) -> tuple[Float[Array, "t d"], MLSTMState, dict[str, Float[Array, ""]]]:
+        """(output, state, the mLSTM layer's gate statistics)."""
+        y, state, stats = self.mlstm_layer(apply_norm(self.norm_mlstm, x), state, reset, kernel=kernel, tp_axis=tp_axis)
         x = x + y
         x = x + self.ffn(apply_norm(self.norm_ffn, x), tp_axis)
-        return x, state
+        return x, state, stats

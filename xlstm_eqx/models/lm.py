@@ -85,15 +85,32 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         check runs on device; set ``EQX_ON_ERROR=nan`` to turn it off). Inside ``shard_map`` the check cannot
         run: callers there pass ``check_token_ids=False`` and validate the global batch beforehand.
         """
+        logits, state, _ = self.forward_with_intermediates(
+            tokens, state, reset=reset, kernel=kernel, tp_axis=tp_axis, check_token_ids=check_token_ids
+        )
+        return logits, state
+
+    def forward_with_intermediates(
+        self,
+        tokens: Int[Array, " t"],
+        state: MLSTMState | None = None,
+        *,
+        reset: Bool[Array, " t"] | None = None,
+        kernel: str | None = None,
+        tp_axis: str | None = None,
+        check_token_ids: bool = True,
+    ) -> tuple[Float[Array, "t vocab"], MLSTMState, dict[str, Float[Array, " blocks"]]]:
+        """``__call__`` plus per-block diagnostics: mean input-gate pre-activation, mean forget gate and mean
+        |cell output|, each of shape (num_blocks,). ``__call__`` drops them (XLA removes the unused work)."""
         c = self.config
         if check_token_ids:
             tokens = check_token_range(tokens, c.vocab_size)
         x = jnp.take(self.embedding.weight, tokens, axis=0).astype(c.compute_dtype)
-        x, state = self._run_blocks(x, state, reset, kernel, tp_axis)
+        x, state, stats = self._run_blocks(x, state, reset, kernel, tp_axis)
         x = apply_norm(self.out_norm, x)
         head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
         logits = project(x, head_weight, out_dtype=gate_dtype(c.compute_dtype))
-        return soft_cap(logits, c.output_logit_soft_cap), state
+        return soft_cap(logits, c.output_logit_soft_cap), state, stats
 
     def _run_blocks(self, x, state, reset, kernel, tp_axis):
         params, static = eqx.partition(self.blocks, eqx.is_array)
@@ -101,19 +118,21 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         def body(x, layer):
             block_params, block_state = layer
             block = eqx.combine(block_params, static)
-            return block(x, block_state, reset, kernel=kernel, tp_axis=tp_axis)
+            x, block_state, stats = block(x, block_state, reset, kernel=kernel, tp_axis=tp_axis)
+            return x, (block_state, stats)
 
         policy = self.config.remat
         if policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
         if self.config.scan_blocks:
-            return lax.scan(body, x, (params, state))
-        states = []
+            x, (state, stats) = lax.scan(body, x, (params, state))
+            return x, state, stats
+        outputs = []
         for i in range(self.config.num_blocks):
-            layer = jax.tree.map(lambda a, i=i: a[i], (params, state))
-            x, block_state = body(x, layer)
-            states.append(block_state)
-        return x, jax.tree.map(lambda *s: jnp.stack(s), *states)
+            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (params, state)))
+            outputs.append(out)
+        state, stats = jax.tree.map(lambda *s: jnp.stack(s), *outputs)
+        return x, state, stats
 
     def with_policy(self, **changes) -> xLSTMLM:
         """The same parameters run under another execution policy (kernel, chunk size, dtype, remat…)."""

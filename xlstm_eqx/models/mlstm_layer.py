@@ -67,8 +67,9 @@ class MLSTMLayer(eqx.Module):
         *,
         kernel: str | None = None,
         tp_axis: str | None = None,
-    ) -> tuple[Float[Array, "t d"], MLSTMState]:
-        """``tp_axis``: mesh axis over which heads are split; this device's weights then hold its heads only."""
+    ) -> tuple[Float[Array, "t d"], MLSTMState, dict[str, Float[Array, ""]]]:
+        """(output, state, gate statistics). ``tp_axis``: mesh axis over which heads are split; this device's
+        weights then hold its heads only (statistics are averaged over all heads)."""
         c = self.config
         t_len = u.shape[0]
         heads = lambda x, dim: x.reshape(t_len, -1, dim)  # noqa: E731  (local heads under tensor parallelism)
@@ -81,9 +82,16 @@ class MLSTMLayer(eqx.Module):
 
         cell = functools.partial(run_cell, kernel or c.kernel, chunk_size=c.chunk_size, eps=c.cell_eps)
         h, state = cell(q, k, v, i_pre, f_pre, state, reset)
+        stats = {
+            "igate_preact_mean": jnp.mean(i_pre),
+            "fgate_mean": jnp.mean(jax.nn.sigmoid(f_pre)),
+            "cell_out_abs_mean": jnp.mean(jnp.abs(h)).astype(acc),
+        }
+        if tp_axis is not None:
+            stats = jax.lax.pmean(stats, tp_axis)
         h = self.multihead_norm(h.astype(u.dtype)).reshape(t_len, -1)
         out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u))
-        return row_parallel(self.out_proj, out_gate * h, tp_axis), state
+        return row_parallel(self.out_proj, out_gate * h, tp_axis), state, stats
 
 
 def run_cell(

@@ -12,6 +12,8 @@ from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
 from .metrics import Measured
 
+INTERMEDIATES_PREFIX = "intermediates/"  # measured keys the step logs with intermediates_log_modes
+
 
 def lm_forward(
     model: eqx.Module,
@@ -58,11 +60,24 @@ def lm_loss(
     *,
     z_loss: float = 0.0,
     tp_axis: str | None = None,
+    intermediates: bool = False,
 ) -> tuple[Float[Array, ""], dict[str, Measured]]:
     """The default loss of the step functions: :func:`lm_measurements` of the model on ``batch``.
 
     ``key`` is this step's randomness (the xLSTM has no dropout; custom losses with this signature may use it).
+    With ``intermediates``, the model's per-block diagnostics are added as ``intermediates/<name>_<block>``
+    (averaged over rows).
     """
     del key
-    logits, _ = lm_forward(model, batch.inputs, document_starts(batch.segment_ids), tp_axis=tp_axis)
-    return lm_measurements(logits, batch, z_loss)
+    resets = document_starts(batch.segment_ids)
+    if not intermediates:
+        logits, _ = lm_forward(model, batch.inputs, resets, tp_axis=tp_axis)
+        return lm_measurements(logits, batch, z_loss)
+    run = lambda t, r: model.forward_with_intermediates(t, reset=r, tp_axis=tp_axis, check_token_ids=False)  # noqa: E731
+    logits, _, stats = jax.vmap(run)(batch.inputs, resets)
+    objective, measured = lm_measurements(logits, batch, z_loss)
+    rows = jnp.asarray(batch.inputs.shape[0], jnp.float32)
+    for name, per_row in stats.items():  # per_row: (rows, blocks)
+        for block in range(per_row.shape[1]):
+            measured[f"{INTERMEDIATES_PREFIX}{name}_{block}"] = Measured(jnp.sum(per_row[:, block]), rows)
+    return objective, measured

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from ..config.train import TrainConfig
 from ..data.batch import Batch
 from ..parallel import BATCH_AXES, FSDP_AXIS, TP_AXIS, batch_parallel_size, batch_spec, dotted_path, parameter_specs
-from .loss import lm_loss
+from .loss import INTERMEDIATES_PREFIX, lm_loss
 from .metrics import Measured, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
 
@@ -120,8 +120,9 @@ def make_train_step(
         def grads_of(micro: Batch, index):
             def objective(p):
                 model = eqx.combine(_gather_fsdp(p, specs), static)
+                extra = {"intermediates": True} if config.log_intermediates else {}
                 value, measured = loss_fn(
-                    model, micro, jax.random.fold_in(device_key, index), z_loss=config.z_loss, tp_axis=tp_axis
+                    model, micro, jax.random.fold_in(device_key, index), z_loss=config.z_loss, tp_axis=tp_axis, **extra
                 )
                 return lax.psum(value, BATCH_AXES) / denominator.astype(value.dtype), measured
 
@@ -145,7 +146,7 @@ def make_train_step(
                 grads, measured = grads_of(take(0), 0)
                 for i in range(1, micro_batches):
                     grads, measured = jax.tree.map(jnp.add, (grads, measured), grads_of(take(i), i))
-        return grads, reduce_measured(measured, config.default_train_log_modes, BATCH_AXES)
+        return grads, reduce_measured(measured, _train_modes(measured, config), BATCH_AXES)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
         _check_batch(batch, mesh, micro_batches)
@@ -175,7 +176,7 @@ def make_train_step(
             param_norms = _norms(params, "param_norm", config.log_param_norm_per_param)
             measured.update(param_norms)
             modes.update({name: ("mean_nopostfix",) for name in param_norms})
-        metrics = accumulate(measured, {**_default_modes(measured, config.default_train_log_modes), **modes})
+        metrics = accumulate(measured, {**_train_modes(measured, config), **modes})
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
     if config.debug:
@@ -185,6 +186,16 @@ def make_train_step(
 
 def _default_modes(measured: dict, default: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     return {name: default for name in measured}
+
+
+def _train_modes(measured: dict, config: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """default_train_log_modes, and intermediates_log_modes for the model's diagnostics."""
+    return {
+        name: config.intermediates_log_modes
+        if name.startswith(INTERMEDIATES_PREFIX)
+        else config.default_train_log_modes
+        for name in measured
+    }
 
 
 def make_eval_step(
