@@ -24,6 +24,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/model.py
+	$(PY) benchmarks/step.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check xlstm_eqx tests benchmarks

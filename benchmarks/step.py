@@ -53,7 +53,10 @@ def _mesh_shape(text: str) -> tuple[int, int, int]:
 
 # Fake CPU devices must be requested before jax is first imported (here, via _common/model).
 if "--single" in sys.argv[:-2]:
-    _n = math.prod(_mesh_shape(sys.argv[sys.argv.index("--single") + 2]))
+    try:
+        _n = math.prod(_mesh_shape(sys.argv[sys.argv.index("--single") + 2]))
+    except ValueError:
+        _n = 1  # argparse reports the bad mesh
     if _n > 1:
         _flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}".strip()
