@@ -32,14 +32,8 @@ STACKED_PREFIX = "blocks."  # leaves under it carry a leading num_blocks axis
 
 
 def dotted_path(path: tuple) -> str:
-    """'blocks.mlstm_layer.q.weight' for a pytree key path of attribute / dict / sequence keys."""
-    parts = []
-    for key in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return ".".join(parts)
+    """'blocks.mlstm_layer.q.weight' for a pytree key path (attributes, dict keys and indices joined by ".")."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
 
 
 def parameter_spec(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_weight_size: int) -> P:

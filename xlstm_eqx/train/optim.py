@@ -40,6 +40,7 @@ from jaxtyping import Array, ArrayLike, Int
 
 from ..config.optim import OptimConfig
 from ..config.parsing import ConfigError
+from ..parallel.sharding import dotted_path
 
 __all__ = [
     "build_optimizer",
@@ -53,13 +54,9 @@ __all__ = [
 ]
 
 
-def parameter_path(path: Sequence[Any]) -> str:
-    """The dotted path of a pytree key path: attribute names, dict keys and sequence indices joined by ".".
-
-    E.g. ``blocks.mlstm_layer.q.weight``, ``layers.0.bias``, ``{'a': [x]}`` → ``a.0``. Nothing is added
-    for sharded arrays (no trailing ``.value``), so anchored patterns behave the same everywhere.
-    """
-    return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
+# The dotted path of a pytree key path (``blocks.mlstm_layer.q.weight``, ``layers.0.bias``). Nothing is added for
+# sharded arrays (no trailing ``.value``, unlike the original), so anchored patterns behave the same everywhere.
+parameter_path = dotted_path
 
 
 def weight_decay_mask(params: Any, exclude: Sequence[str] = ("norm", "bias", "embedding")) -> Any:
