@@ -33,3 +33,12 @@ def document_starts(segment_ids: Int[Array, "batch t"]) -> Bool[Array, "batch t"
     """True where a new document begins inside a row (never at t = 0: the state is fresh there anyway)."""
     change = segment_ids[:, 1:] != segment_ids[:, :-1]
     return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), change], axis=1)
+
+
+class IndexedBatch(eqx.Module):
+    """An evaluation batch: ``batch`` plus, per row, which document (``document_index``, numbered from 1; 0 = a
+    padding row whose loss_mask is all False) and which piece of it (``sequence_index``, from 0) the row holds."""
+
+    batch: Batch
+    document_index: Int[Array, " batch"]
+    sequence_index: Int[Array, " batch"]
