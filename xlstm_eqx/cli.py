@@ -1,4 +1,4 @@
-"""Command line: ``xlstm-eqx demo`` (train a tiny model on synthetic data) and ``xlstm-eqx params``.
+"""Command line: ``xlstm-eqx demo`` (train a tiny model on synthetic data), ``params`` and ``convert``.
 
 Thin by design: parse, wire, call. The full ``train`` / ``eval`` commands arrive with the loop.
 """
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import ConfigError, load_config
+from .data.sources import convert_to_array_record
 from .models import build, count_params
 
 
@@ -73,6 +74,12 @@ def params(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    count = convert_to_array_record(args.inputs, args.out, text_field=args.text_field)
+    print(json.dumps({"out": str(args.out), "documents": count}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xlstm-eqx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     count.add_argument("--config", required=True)
     count.add_argument("overrides", nargs="*")
     count.set_defaults(fn=params)
+    to_records = commands.add_parser("convert", help="convert text files/folders or JSONL to one ArrayRecord file")
+    to_records.add_argument("inputs", nargs="+", help="text files, folders of .txt files, or .jsonl files")
+    to_records.add_argument("--out", required=True, help="the .arecord file to write")
+    to_records.add_argument("--text-field", default="text", help="JSONL field holding the document text")
+    to_records.set_defaults(fn=convert)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,31 @@
+"""The command line: parameter counts, ArrayRecord conversion, and errors as messages with exit code 2."""
+
+import json
+
+from xlstm_eqx.cli import main
+from xlstm_eqx.data import open_documents
+
+
+def test_params_of_a_preset(capsys):
+    assert main(["params", "--config", "configs/bench_a.yaml"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == 4_271_392
+
+
+def test_convert_jsonl_to_array_record_round_trips(tmp_path, capsys):
+    docs = ["To be, or not to be.", "All the world's a stage,\nand all the men and women merely players."]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps({"body": d}) for d in docs) + "\n")
+    out = tmp_path / "docs.arecord"
+    assert main(["convert", str(source), "--out", str(out), "--text-field", "body"]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 2
+    records = open_documents(out)
+    assert [bytes(records[i]).decode() for i in range(len(records))] == docs
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"other": 1}\n')
+    assert main(["convert", str(bad), "--out", str(tmp_path / "x.arecord")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert main(["params", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
