@@ -271,3 +271,28 @@ def test_text_and_array_record_sources_give_identical_batches(tmp_path):
     assert_batches_equal(from_text, from_ar)
     scored = sum(int(b.loss_mask.sum()) for b in from_text)
     assert scored == 2 * sum(len(t.encode()) + 1 for t in texts)  # every byte and each document's EOD, per epoch
+
+
+def test_no_leakage_across_packed_documents_through_the_memory():
+    """Rows packed by the pipeline: changing the first document leaves the second one's logits bit-identical."""
+    from xlstm_eqx.config import ModelConfig
+    from xlstm_eqx.models import build
+    from xlstm_eqx.train.loss import lm_forward
+
+    docs = ["the first document, which will be changed", "and the second one, which must not notice"]
+    changed = ["THE FIRST DOCUMENT, altered completely!!!", docs[1]]
+    config = DataConfig(seq_len=128, global_batch_size=1, shuffle=False, num_epochs=1)
+    model = build(
+        ModelConfig(vocab_size=257, embedding_dim=32, num_blocks=2, num_heads=2, chunk_size=16), key=jax.random.key(0)
+    )
+    logits = []
+    for corpus in (docs, changed):
+        batch = next(iter(train_batches(corpus, ByteTokenizer(), config)))
+        assert int(batch.segment_ids.max()) == 2  # both documents share the row
+        out, _ = lm_forward(model, batch.inputs, document_starts(batch.segment_ids))
+        logits.append((out, batch.segment_ids))
+    (first, seg), (second, seg2) = logits
+    assert jnp.array_equal(seg, seg2)
+    in_second = seg[0] == 2
+    np.testing.assert_array_equal(np.asarray(first[0][in_second]), np.asarray(second[0][in_second]))
+    assert not np.allclose(np.asarray(first[0][seg[0] == 1]), np.asarray(second[0][seg[0] == 1]))
