@@ -25,7 +25,7 @@ from ..parallel import BATCH_AXES, TP_AXIS, parameter_specs
 from .loss import lm_forward, lm_measurements
 from .metrics import accumulate, merge_metrics, reduce_measured
 from .state import TrainState
-from .steps import _batch_specs, _check_batch, _gather_fsdp, _tp_axis, _validate_tokens
+from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
 EVAL_MODES = ("mean_nopostfix",)
 
@@ -54,11 +54,11 @@ def make_recurrent_eval_step(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    tp_axis = _tp_axis(mesh)
+    tp_axis = tp_axis_of(mesh)
     state_spec = _state_spec(mesh)
 
     def local_chunk(params, model_state, chunk, resets, specs):
-        model = eqx.combine(_gather_fsdp(params, specs), static)
+        model = eqx.combine(gather_fsdp(params, specs), static)
         logits, model_state = lm_forward(model, chunk.inputs, resets, model_state, tp_axis=tp_axis)
         _, measured = lm_measurements(logits, chunk, config.z_loss)
         return model_state, reduce_measured(measured, EVAL_MODES, BATCH_AXES)
@@ -69,13 +69,13 @@ def make_recurrent_eval_step(
         return jax.shard_map(
             functools.partial(local_chunk, specs=specs),
             mesh=mesh,
-            in_specs=(specs, state_spec, _batch_specs(chunk), P(BATCH_AXES, None)),
+            in_specs=(specs, state_spec, batch_specs(chunk), P(BATCH_AXES, None)),
             out_specs=(state_spec, P()),
         )(params, model_state, chunk, resets)
 
     def recurrent_eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
-        _check_batch(batch, mesh)
-        batch = _validate_tokens(batch, static)
+        check_batch(batch, mesh)
+        batch = validate_tokens(batch, static)
         rows, length = batch.inputs.shape
         resets = document_starts(batch.segment_ids)
         n_chunks = math.ceil(length / chunk_size)

@@ -23,64 +23,13 @@ from jax.sharding import PartitionSpec as P
 
 from ..config.train import TrainConfig
 from ..data.batch import Batch
-from ..parallel import BATCH_AXES, FSDP_AXIS, TP_AXIS, batch_parallel_size, batch_spec, dotted_path, parameter_specs
+from ..parallel import BATCH_AXES, dotted_path, parameter_specs
 from .loss import INTERMEDIATES_PREFIX, lm_loss
 from .metrics import Measured, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
+from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, Measured]]]
-
-
-def _gather_fsdp(params: Any, specs: Any) -> Any:
-    """All-gather every FSDP-sharded leaf over 'fsdp' (inside shard_map)."""
-
-    def gather(x, spec):
-        for axis, name in enumerate(spec):
-            if name == FSDP_AXIS:
-                return lax.all_gather(x, FSDP_AXIS, axis=axis, tiled=True)
-        return x
-
-    return jax.tree.map(gather, params, specs, is_leaf=lambda s: isinstance(s, P))
-
-
-def _check_batch(batch: Batch, mesh: Mesh, micro_batches: int = 1) -> None:
-    """Clear errors for a batch the mesh (and accumulation) cannot split evenly, or of the wrong kind."""
-    if not isinstance(batch, Batch):
-        raise TypeError(f"expected an xlstm_eqx.data.Batch, got {type(batch).__name__}")
-    rows = batch.inputs.shape[0]
-    for name in ("inputs", "targets", "loss_mask", "segment_ids", "positions"):
-        field = getattr(batch, name)
-        if field.ndim != 2 or field.shape != batch.inputs.shape:
-            raise ValueError(f"batch.{name} has shape {field.shape}; expected (batch, time) = {batch.inputs.shape}")
-    for name in ("inputs", "targets", "segment_ids", "positions"):
-        if not jnp.issubdtype(getattr(batch, name).dtype, jnp.integer):
-            raise TypeError(f"batch.{name} must hold integers, got {getattr(batch, name).dtype}")
-    parallel = batch_parallel_size(mesh)
-    if rows % (parallel * micro_batches):
-        raise ValueError(
-            f"global batch size {rows} is not divisible by data×fsdp = {parallel}"
-            + (f" × gradient_accumulate_steps = {micro_batches}" if micro_batches > 1 else "")
-        )
-
-
-def _validate_tokens(batch: Batch, static: Any) -> Batch:
-    """Token ids outside [0, vocab) raise at run time (checked on the global arrays, before shard_map)."""
-    vocab = getattr(getattr(static, "config", None), "vocab_size", None)
-    if vocab is None:
-        return batch
-    ids = jnp.stack([batch.inputs, batch.targets])
-    # Check a scalar, not the batch: error_if's cond would otherwise gather the whole batch on one device.
-    outside = jnp.sum(((ids < 0) | (ids >= vocab)).astype(jnp.int32))
-    zero = eqx.error_if(jnp.zeros((), jnp.int32), outside > 0, f"token id outside [0, vocab_size={vocab})")
-    return eqx.tree_at(lambda b: b.inputs, batch, batch.inputs + zero)  # the dependency keeps the check alive
-
-
-def _batch_specs(batch: Batch) -> Any:
-    return jax.tree.map(lambda x: batch_spec(x.ndim), batch)
-
-
-def _tp_axis(mesh: Mesh) -> str | None:
-    return TP_AXIS if mesh.shape[TP_AXIS] > 1 else None
 
 
 def _norms(tree: Any, prefix: str, per_param: bool) -> dict[str, Measured]:
@@ -110,7 +59,7 @@ def make_train_step(
     unchanged and reports ``nonfinite`` = 1. The state is donated unless ``donate_train_state`` is off.
     """
     micro_batches = config.gradient_accumulate_steps
-    tp_axis = _tp_axis(mesh)
+    tp_axis = tp_axis_of(mesh)
 
     def local_grads(params, batch, key, specs):
         total = lax.psum(jnp.sum(batch.loss_mask.astype(jnp.float32)), BATCH_AXES)
@@ -119,7 +68,7 @@ def make_train_step(
 
         def grads_of(micro: Batch, index):
             def objective(p):
-                model = eqx.combine(_gather_fsdp(p, specs), static)
+                model = eqx.combine(gather_fsdp(p, specs), static)
                 extra = {"intermediates": True} if config.log_intermediates else {}
                 value, measured = loss_fn(
                     model, micro, jax.random.fold_in(device_key, index), z_loss=config.z_loss, tp_axis=tp_axis, **extra
@@ -149,13 +98,13 @@ def make_train_step(
         return grads, reduce_measured(measured, _train_modes(measured, config), BATCH_AXES)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
-        _check_batch(batch, mesh, micro_batches)
-        batch = _validate_tokens(batch, static)
+        check_batch(batch, mesh, micro_batches)
+        batch = validate_tokens(batch, static)
         specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
         grads_fn = jax.shard_map(
             functools.partial(local_grads, specs=specs),
             mesh=mesh,
-            in_specs=(specs, _batch_specs(batch), P()),
+            in_specs=(specs, batch_specs(batch), P()),
             out_specs=(specs, P()),
         )
         grads, measured = grads_fn(state.params, batch, jax.random.fold_in(state.key, state.step))
@@ -209,23 +158,23 @@ def make_eval_step(
     """``eval_step(state, batch, metrics) -> metrics``: folds one batch's loss/accuracy into ``metrics``
     (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``); randomness, if the loss
     uses any, is fixed by ``seed_eval`` so evaluation is reproducible."""
-    tp_axis = _tp_axis(mesh)
+    tp_axis = tp_axis_of(mesh)
     eval_modes = ("mean_nopostfix",)
 
     def local_eval(params, batch, specs):
-        model = eqx.combine(_gather_fsdp(params, specs), static)
+        model = eqx.combine(gather_fsdp(params, specs), static)
         key = jax.random.fold_in(jax.random.key(config.seed_eval), lax.axis_index(BATCH_AXES))
         _, measured = loss_fn(model, batch, key, z_loss=config.z_loss, tp_axis=tp_axis)
         return reduce_measured(measured, eval_modes, BATCH_AXES)
 
     def eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
-        _check_batch(batch, mesh)
-        batch = _validate_tokens(batch, static)
+        check_batch(batch, mesh)
+        batch = validate_tokens(batch, static)
         specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
         measured = jax.shard_map(
             functools.partial(local_eval, specs=specs),
             mesh=mesh,
-            in_specs=(specs, _batch_specs(batch)),
+            in_specs=(specs, batch_specs(batch)),
             out_specs=P(),
         )(state.params, batch)
         new = accumulate(measured, _default_modes(measured, eval_modes))
