@@ -119,6 +119,21 @@ def time_calls(call: Callable[[], Any], repeats: int = 5, warmup: int = 1, probe
     }
 
 
+def timing_fields(stats: dict[str, Any], *, trace_s: float, compile_s: float) -> dict[str, Any]:
+    """The timing part of every JSON record: median/min/max step time (from :func:`time_calls`), trace and
+    compile time, compilations during timing (should be 0) and the contention probes around the timed calls."""
+    return {
+        "step_s": round(stats["median_s"], 5),
+        "min_s": round(stats["min_s"], 5),
+        "max_s": round(stats["max_s"], 5),
+        "trace_s": round(trace_s, 3),
+        "compile_s": round(compile_s, 3),
+        "compiles_during_timing": stats["compiles_during_timing"],
+        "probe_gflops_before": stats["probe_gflops_before"],
+        "probe_gflops_after": stats["probe_gflops_after"],
+    }
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     """Runs ``fn()`` once and returns (result, seconds); blocks on any arrays in the result."""
     t0 = time.perf_counter()

@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, log, peak_rss_mb, run_child, time_calls, timed  # noqa: E402
+from _common import emit, log, peak_rss_mb, run_child, time_calls, timed, timing_fields  # noqa: E402
 
 KERNEL_NAMES = ("parallel", "chunkwise", "recurrent")
 MODES = ("fwd", "fwdbwd")
@@ -106,15 +106,8 @@ def run_single(args: argparse.Namespace) -> None:
             "DV": args.dv,
             "chunk_size": args.chunk_size if name == "chunkwise" else None,
             "tokens_per_s": round(head_tokens / stats["median_s"], 1),
-            "step_s": round(stats["median_s"], 5),
-            "min_s": round(stats["min_s"], 5),
-            "max_s": round(stats["max_s"], 5),
+            **timing_fields(stats, trace_s=trace_s, compile_s=compile_s),
             "repeats": args.repeats,
-            "trace_s": round(trace_s, 3),
-            "compile_s": round(compile_s, 3),
-            "compiles_during_timing": stats["compiles_during_timing"],
-            "probe_gflops_before": stats["probe_gflops_before"],
-            "probe_gflops_after": stats["probe_gflops_after"],
             "peak_rss_mb": peak_rss_mb(),
         }
     )

@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, log, matmul_gflops, peak_rss_mb, run_child, time_calls, timed  # noqa: E402
+from _common import emit, log, matmul_gflops, peak_rss_mb, run_child, time_calls, timed, timing_fields  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {
@@ -165,16 +165,9 @@ def run_single(preset: str, dtype: str, mode: str, args: argparse.Namespace) -> 
             "remat": config.remat,
             "params": count_params(config),
             "tokens_per_s": round(tokens_per_s, 1),
-            "step_s": round(stats["median_s"], 5),
-            "min_s": round(stats["min_s"], 5),
-            "max_s": round(stats["max_s"], 5),
+            **timing_fields(stats, trace_s=trace_s, compile_s=compile_s),
             "steps": args.steps,
-            "trace_s": round(trace_s, 3),
-            "compile_s": round(compile_s, 3),
             "first_call_s": stats["first_call_s"],
-            "compiles_during_timing": stats["compiles_during_timing"],
-            "probe_gflops_before": stats["probe_gflops_before"],
-            "probe_gflops_after": stats["probe_gflops_after"],
             "mflop_per_token": round(flops[mode] / 1e6, 2),
             "gflops": round(gflops, 1),
             "roofline_fp32_gflops": roofline,

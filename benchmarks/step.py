@@ -63,7 +63,7 @@ if "--single" in sys.argv[:-2]:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import compile_counter, emit, log, matmul_gflops, peak_rss_mb, run_child, time_calls, timed  # noqa: E402
+from _common import compile_counter, emit, log, matmul_gflops, peak_rss_mb, run_child, time_calls, timed, timing_fields  # noqa: E402
 from model import PRESETS, ROOT, flops_per_token  # noqa: E402
 
 MESHES = ("1", "2x2x2")
@@ -149,18 +149,11 @@ def run_single(preset: str, mesh_name: str, args: argparse.Namespace) -> None:
             "tp_sharded_leaves": sharded_over(TP_AXIS),
             "param_leaves": len(leaves),
             "tokens_per_s": round(tokens_per_s, 1),
-            "step_s": round(stats["median_s"], 5),
-            "min_s": round(stats["min_s"], 5),
-            "max_s": round(stats["max_s"], 5),
+            **timing_fields(stats, trace_s=trace_s, compile_s=compile_s),
             "steps": args.steps,
             "init_s": round(init_s, 3),
-            "trace_s": round(trace_s, 3),
-            "compile_s": round(compile_s, 3),
             "first_call_s": round(first_s, 4),
             "compiles_first_call": compiles_first,
-            "compiles_during_timing": stats["compiles_during_timing"],
-            "probe_gflops_before": stats["probe_gflops_before"],
-            "probe_gflops_after": stats["probe_gflops_after"],
             "mflop_per_token": round(flops / 1e6, 2),
             "gflops": round(gflops, 1),
             "roofline_fp32_gflops": roofline,
