@@ -1,0 +1,5 @@
+"""Input/output: streamed metric writers (checkpoints arrive with the training loop)."""
+
+from .writers import CsvWriter, JsonlWriter, TensorBoardWriter, is_finite_row
+
+__all__ = ["CsvWriter", "JsonlWriter", "TensorBoardWriter", "is_finite_row"]

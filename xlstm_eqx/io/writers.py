@@ -1,0 +1,132 @@
+"""Metric writers for the logger: every row reaches disk when it is written, so a crash loses at most one row.
+
+A row is ``(mode, step, epoch, metrics)`` with host metrics from ``xlstm_eqx.train.to_host``: scalars are written
+everywhere; per-example arrays (the ``*_single_noreduce*`` modes) only to JSONL.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STEP, EPOCH = "log_step", "log_epoch"
+
+
+def _scalar(value: Any) -> float | None:
+    """``value`` as a float if it is a scalar number, else None."""
+    if isinstance(value, bool | int | float | np.integer | np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return float(value.reshape(()))
+    return None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class JsonlWriter:
+    """``<directory>/metrics.jsonl``: one JSON object per row (``mode``, ``log_step``, ``log_epoch``, metrics),
+    appended and flushed at once; a resumed run appends to the same file."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+
+    def write(self, mode: str, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        row = {"mode": mode, STEP: step, EPOCH: epoch, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class CsvWriter:
+    """``<directory>/metrics_<mode>.csv`` per mode, one row appended and flushed per call.
+
+    A row with columns the file does not have yet rewrites the file once with the widened header (earlier rows
+    get empty cells), so rows are never held back in memory. Non-scalar metrics are left out.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._columns: dict[str, list[str]] = {}
+
+    def path(self, mode: str) -> Path:
+        return self.directory / f"metrics_{mode}.csv"
+
+    def write(self, mode: str, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        row = {STEP: step, EPOCH: epoch}
+        row.update({k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None})
+        path = self.path(mode)
+        columns = self._columns.get(mode)
+        if columns is None:
+            columns = self._existing_columns(path)
+        new = [key for key in row if key not in columns]
+        if new or not path.exists():
+            columns = columns + new
+            self._rewrite(path, columns)
+        self._columns[mode] = columns
+        with path.open("a", newline="") as file:
+            csv.DictWriter(file, columns).writerow(row)
+
+    @staticmethod
+    def _existing_columns(path: Path) -> list[str]:
+        if not path.exists():
+            return []
+        with path.open(newline="") as file:
+            return next(csv.reader(file), [])
+
+    @staticmethod
+    def _rewrite(path: Path, columns: list[str]) -> None:
+        rows = []
+        if path.exists():
+            with path.open(newline="") as file:
+                rows = list(csv.DictReader(file))
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as file:
+            writer = csv.DictWriter(file, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(path)  # atomic: a crash leaves the old or the new file, never half of one
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardWriter:
+    """Scalars ``<mode>/<key>`` through tensorboardX into ``directory``, flushed after each row. Arrays are
+    skipped; NaN and inf are written as they are (TensorBoard shows them)."""
+
+    def __init__(self, directory: str | Path, flush_secs: int = 10):
+        from tensorboardX import SummaryWriter
+
+        self.directory = Path(directory)
+        self._writer = SummaryWriter(str(self.directory), flush_secs=flush_secs)
+
+    def write(self, mode: str, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            scalar = _scalar(value)
+            if scalar is not None:
+                self._writer.add_scalar(f"{mode}/{key}", scalar, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def is_finite_row(metrics: dict[str, Any]) -> bool:
+    """True if every scalar metric is finite (the logger's NaN check on what it writes)."""
+    return all(math.isfinite(v) for v in (_scalar(x) for x in metrics.values()) if v is not None)
