@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import TypeCheckError
 
 from xlstm_eqx.models.kernels import MLSTMState, chunkwise, parallel, recurrent, recurrent_step
 
@@ -164,5 +165,5 @@ def test_step_equals_scan(getkey):
 
 def test_wrong_shapes_fail_with_named_dimension(getkey):
     q, k, v, i, f, _, _ = make_inputs(getkey(), 10)
-    with pytest.raises(Exception, match="k"):
+    with pytest.raises(TypeCheckError, match="parameter 'k'"):
         parallel(q, k[:, :3], v, i, f)

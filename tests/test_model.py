@@ -154,7 +154,7 @@ def test_token_ids_out_of_range_raise_eagerly_and_under_jit(model, tokens, bad):
 
 
 def test_wrong_shapes_name_the_dimension(model, tokens):
-    with pytest.raises(TypeCheckError, match="t"):
+    with pytest.raises(TypeCheckError, match="parameter 'tokens'"):
         model(tokens[None, :])  # a batch must be vmapped, not passed whole
-    with pytest.raises(TypeCheckError):
+    with pytest.raises(TypeCheckError, match="parameter 'tokens'"):
         model(tokens.astype(jnp.float32))
