@@ -59,6 +59,12 @@ def quadratic_gib(t_len: int, bh: int) -> float:
     return t_len * t_len * bh * 4 / 2**30
 
 
+def record_identity(name: str, mode: str, t_len: int, bh: int) -> dict:
+    """The fields that identify a kernel measurement (shared by measured and skipped records)."""
+    return {"bench": "kernels", "config": f"{name}/{mode}", "kernel": name, "mode": mode, "dtype": "float32",
+            "T": t_len, "BH": bh}  # fmt: skip
+
+
 def run_single(args: argparse.Namespace) -> None:
     """One (kernel, T, mode) in this process: emits one JSON line."""
     import jax
@@ -95,13 +101,7 @@ def run_single(args: argparse.Namespace) -> None:
     head_tokens = bh * t_len
     emit(
         {
-            "bench": "kernels",
-            "config": f"{name}/{mode}",
-            "kernel": name,
-            "mode": mode,
-            "dtype": "float32",
-            "T": t_len,
-            "BH": bh,
+            **record_identity(name, mode, t_len, bh),
             "DK": args.dk,
             "DV": args.dv,
             "chunk_size": args.chunk_size if name == "chunkwise" else None,
@@ -146,13 +146,7 @@ def run_sweep(args: argparse.Namespace) -> None:
             for mode in args.modes:
                 if name == "parallel" and quadratic_gib(t_len, bh) >= args.max_quadratic_gib:
                     record = {
-                        "bench": "kernels",
-                        "config": f"{name}/{mode}",
-                        "kernel": name,
-                        "mode": mode,
-                        "dtype": "float32",
-                        "T": t_len,
-                        "BH": bh,
+                        **record_identity(name, mode, t_len, bh),
                         "skipped": (
                             f"O(T^2) memory: one (BH,T,T) float32 array is "
                             f"{quadratic_gib(t_len, bh):.1f} GiB "
