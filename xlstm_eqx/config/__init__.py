@@ -9,6 +9,7 @@ from .mesh import MeshConfig
 from .model import ModelConfig
 from .optim import OptimConfig
 from .parsing import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from .run import CheckpointConfig, DataSection, HooksConfig, LogConfig, LoopConfig
 from .train import TrainConfig
 
 
@@ -21,6 +22,11 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataSection = field(default_factory=DataSection)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -30,8 +36,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 __all__ = [
+    "CheckpointConfig",
     "Config",
     "ConfigError",
+    "DataSection",
+    "HooksConfig",
+    "LogConfig",
+    "LoopConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",

@@ -3,7 +3,7 @@
 from .metrics import Measured, accumulate, merge_metrics, to_host
 from .optim import build_optimizer, build_schedule, learning_rate_at
 from .recurrent_eval import make_recurrent_eval_step
-from .state import TrainState, init
+from .state import TrainState, abstract_state, init
 from .steps import make_eval_step, make_train_step
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "to_host",
     "build_optimizer",
     "build_schedule",
+    "abstract_state",
     "init",
     "learning_rate_at",
     "make_eval_step",

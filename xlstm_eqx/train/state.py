@@ -50,6 +50,39 @@ def state_shardings(state_shapes: TrainState, mesh: Mesh, fsdp_min_weight_size: 
     )
 
 
+def _state_builder(
+    model: eqx.Module | Callable[..., eqx.Module], tx: optax.GradientTransformation, key: PRNGKeyArray
+) -> tuple[Callable[[PRNGKeyArray], eqx.Module], Callable[[PRNGKeyArray], TrainState], PRNGKeyArray]:
+    model_key, train_key = jax.random.split(key)
+    build = (lambda key: model) if isinstance(model, eqx.Module) else (lambda key: model(key=key))
+
+    def make_state(k: PRNGKeyArray) -> TrainState:
+        params, _ = split_model(build(k))
+        with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict promotion
+            opt_state = tx.init(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, train_key)
+
+    return build, make_state, model_key
+
+
+def abstract_state(
+    model: eqx.Module | Callable[..., eqx.Module],
+    tx: optax.GradientTransformation,
+    *,
+    key: PRNGKeyArray,
+    mesh: Mesh,
+    fsdp_min_weight_size: int = 2**18,
+) -> tuple[TrainState, Any]:
+    """What ``init`` would return, without computing anything: a TrainState of ``jax.ShapeDtypeStruct`` s carrying
+    their target shardings on ``mesh`` (a restore target for checkpoints), and the model's static half."""
+    build, make_state, model_key = _state_builder(model, tx, key)
+    static = split_model(eqx.filter_eval_shape(build, model_key))[1]
+    shapes = jax.eval_shape(make_state, model_key)
+    shardings = state_shardings(shapes, mesh, fsdp_min_weight_size)
+    with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
+    return jax.tree.map(with_sharding, shapes, shardings), static
+
+
 def init(
     model: eqx.Module | Callable[..., eqx.Module],
     tx: optax.GradientTransformation,
@@ -64,15 +97,7 @@ def init(
     model under ``jit`` with output shardings, so no unsharded full copy is ever materialised; a built
     model is placed shard by shard instead.
     """
-    model_key, train_key = jax.random.split(key)
-    build = (lambda key: model) if isinstance(model, eqx.Module) else (lambda key: model(key=key))
-
-    def make_state(k: PRNGKeyArray) -> TrainState:
-        params, _ = split_model(build(k))
-        with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict promotion
-            opt_state = tx.init(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, train_key)
-
+    build, make_state, model_key = _state_builder(model, tx, key)
     static = split_model(eqx.filter_eval_shape(build, model_key))[1]
     shapes = jax.eval_shape(make_state, model_key)
     shardings = state_shardings(shapes, mesh, fsdp_min_weight_size)
