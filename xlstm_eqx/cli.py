@@ -1,12 +1,11 @@
-"""Command line: ``xlstm-eqx demo`` (train a tiny model on synthetic data), ``params`` and ``convert``.
-
-Thin by design: parse, wire, call. The full ``train`` / ``eval`` commands arrive with the loop.
-"""
+"""Command line: ``xlstm-eqx train`` (the main job), ``demo`` (a tiny model on synthetic data), ``params`` and
+``convert``. Thin by design: parse, wire, call."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -17,6 +16,8 @@ import optax
 
 from .config import ConfigError, load_config
 from .data.sources import convert_to_array_record
+from .io.checkpoint import CheckpointError
+from .loop.logger import LogPathError
 from .models import build, count_params
 
 
@@ -68,6 +69,20 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if final < initial else 1
 
 
+def train(args: argparse.Namespace) -> int:
+    from .loop.job import train_job
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("xlstm_eqx").setLevel(logging.INFO)
+    config = load_config(args.config, args.overrides)
+    summary = train_job(config, sample_prompt=args.prompt, sample_tokens=args.sample_tokens)
+    sample = summary.pop("sample", None)
+    if sample is not None:
+        print(f"--- sample ({args.sample_tokens} tokens after {args.prompt!r}) ---\n{args.prompt}{sample}\n---")
+    print(json.dumps(summary))
+    return 0 if summary["status"] == "success" else 1
+
+
 def params(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     print(json.dumps({"config": args.config, "parameters": count_params(config.model)}))
@@ -83,6 +98,12 @@ def convert(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xlstm-eqx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("train", help="train (or resume) an xLSTM from a config; evaluate; print a sample")
+    fit.add_argument("--config", default="configs/shakespeare.yaml")
+    fit.add_argument("--prompt", default="ROMEO:\n", help="text the printed sample continues")
+    fit.add_argument("--sample-tokens", type=int, default=120, help="0: no sample")
+    fit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loop.num_train_steps=100 log.run_dir=runs/x")
+    fit.set_defaults(fn=train)
     run = commands.add_parser("demo", help="train a tiny xLSTM on repeated random patterns and report the loss")
     run.add_argument("--config", default="configs/tiny.yaml")
     run.add_argument("--steps", type=int, default=150)
@@ -105,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+    except (ConfigError, CheckpointError, LogPathError, FileNotFoundError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -52,8 +52,8 @@ class DataSection:
 class LoopConfig:
     """How long to train and when to validate.
 
-    Exactly one of ``num_epochs`` / ``num_train_steps`` (checked when training starts). An epoch is ``steps_per_epoch`` steps of the endless
-    (per-epoch reshuffled) training stream; None = one pass over the training data, counted once before
+    Exactly one of ``num_epochs`` / ``num_train_steps`` (checked when training starts). An epoch is
+    ``steps_per_epoch`` steps of the endless (per-epoch reshuffled) training stream; None = one pass over the training data, counted once before
     training. Validation after every ``check_val_every_n_epoch``-th epoch and/or every
     ``check_val_every_n_steps`` steps (≤ 0 disables either). The progress bar shows loss, tokens/s and ETA.
     """
@@ -116,7 +116,9 @@ class CheckpointConfig:
 
     def __post_init__(self):
         if self.keep_latest < 1:
-            raise ConfigError("keep_latest", f"must be ≥ 1 (the latest checkpoint is always kept), got {self.keep_latest}")
+            raise ConfigError(
+                "keep_latest", f"must be ≥ 1 (the latest checkpoint is always kept), got {self.keep_latest}"
+            )
         if self.keep_best < 0:
             raise ConfigError("keep_best", f"must be ≥ 0, got {self.keep_best}")
         if self.mode not in ("min", "max"):

@@ -123,6 +123,10 @@ class TensorBoardWriter:
                 self._writer.add_scalar(f"{mode}/{key}", scalar, global_step=step)
         self._writer.flush()
 
+    def add_text(self, tag: str, text: str) -> None:
+        self._writer.add_text(tag, text)
+        self._writer.flush()
+
     def close(self) -> None:
         self._writer.close()
 

@@ -35,7 +35,7 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, Measured]]]
 def _norms(tree: Any, prefix: str, per_param: bool) -> dict[str, Measured]:
     """Global L2 norm (and per-parameter norms) of a pytree of global arrays, as count-1 measurements."""
     one = jnp.ones((), jnp.float32)
-    out = {prefix: Measured(optax.global_norm(tree).astype(jnp.float32), one)}
+    out = {prefix: Measured(optax.tree.norm(tree).astype(jnp.float32), one)}
     if per_param:
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             out[f"{prefix}_{dotted_path(path)}"] = Measured(jnp.linalg.norm(leaf.ravel()).astype(jnp.float32), one)
@@ -114,7 +114,7 @@ def make_train_step(
         one = jnp.ones((), jnp.float32)
         modes: dict[str, tuple[str, ...]] = {}
         if config.check_for_nan:
-            finite = jnp.isfinite(measured["loss"].value) & jnp.isfinite(optax.global_norm(grads))
+            finite = jnp.isfinite(measured["loss"].value) & jnp.isfinite(optax.tree.norm(grads))
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
             measured["nonfinite"] = Measured(1.0 - finite.astype(jnp.float32), one)

@@ -1,0 +1,232 @@
+"""fit and hooks: events at exactly the expected steps, combinators, logs read back equal to the metrics."""
+
+import csv
+import json
+import math
+import struct
+
+import jax
+import jax.numpy as jnp
+import pytest
+from loop_setup import Stream, eval_set, setup
+
+from xlstm_eqx.config.run import LogConfig, LoopConfig
+from xlstm_eqx.loop import (
+    Event,
+    Log,
+    RunLogger,
+    Stop,
+    every_n_epochs,
+    every_n_steps,
+    fire,
+    fit,
+    lr_monitor,
+    main_process_only,
+    on,
+    plan_steps,
+)
+
+
+def recorder():
+    seen = []
+
+    def hook(event):
+        seen.append((event.kind, event.step, event.epoch, event.trigger))
+
+    return hook, seen
+
+
+# ---- combinators (pure) -------------------------------------------------------------------------------------------
+
+
+def events_of(kinds_steps):
+    return [Event(kind, step, epoch, trigger=trigger) for kind, step, epoch, trigger in kinds_steps]
+
+
+@pytest.mark.parametrize("n", [-1, 1, 2, 7])
+def test_every_n_steps_fires_only_at_multiples(n):
+    hook, seen = recorder()
+    filtered = every_n_steps(n, hook)
+    for step in range(1, 30):
+        filtered(Event("step", step, 1))
+    filtered(Event("val_end", 5, 1, trigger="step"))
+    expected = [s for s in range(1, 30) if n > 0 and s % n == 0]
+    assert [s for kind, s, _, _ in seen if kind == "step"] == expected
+    assert ("val_end", 5, 1, "step") in seen  # other events pass
+
+
+@pytest.mark.parametrize("n", [-1, 1, 2, 7])
+def test_every_n_epochs_filters_epoch_events_and_epoch_validations(n):
+    hook, seen = recorder()
+    filtered = every_n_epochs(n, hook)
+    for epoch in range(1, 15):
+        filtered(Event("epoch_start", epoch * 10 - 10, epoch))
+        filtered(Event("epoch_end", epoch * 10, epoch))
+        filtered(Event("val_end", epoch * 10, epoch, trigger="epoch"))
+        filtered(Event("val_end", epoch * 10 - 5, epoch, trigger="step"))
+    fired = {(k, e) for k, _, e, t in seen if t != "step"}
+    expected = {(k, e) for e in range(1, 15) if n > 0 and e % n == 0 for k in ("epoch_start", "epoch_end", "val_end")}
+    assert fired == expected
+    assert len([1 for k, _, _, t in seen if t == "step"]) == 14  # step-triggered validations never skipped
+
+
+def test_main_process_only_and_on():
+    hook, seen = recorder()
+    main_process_only(on(["step"], hook))(Event("step", 1, 1, process_index=1))
+    main_process_only(on(["step"], hook))(Event("val_end", 1, 1))
+    main_process_only(on(["step"], hook))(Event("step", 2, 1, process_index=0))
+    assert seen == [("step", 2, 1, "")]
+    with pytest.raises(ValueError, match="unknown event kinds"):
+        on(["stepp"], hook)
+    with pytest.raises((ValueError, TypeError), match="stepp"):  # TypeError when beartype checks the Literal
+        Event("stepp", 1, 1)
+
+
+def test_fire_merges_logs_and_keeps_first_stop():
+    hooks = [
+        lambda e: [Log({"a": 1.0})],
+        lambda e: [Stop("nan", "first"), Log({"b": 2.0}, "val")],
+        lambda e: [Stop("other", "second"), Log({"c": 3.0})],
+    ]
+    logged, stop = fire(hooks, Event("step", 3, 1))
+    assert logged == {None: {"a": 1.0, "c": 3.0}, "val": {"b": 2.0}}
+    assert stop == Stop("nan", "first")
+    with pytest.raises(TypeError, match="expected Log or Stop"):
+        fire([lambda e: ["oops"]], Event("step", 1, 1))
+
+
+def test_plan_steps():
+    assert plan_steps(LoopConfig(num_epochs=3), 7) == (21, 7)
+    assert plan_steps(LoopConfig(num_train_steps=10), None) == (10, 10)
+    assert plan_steps(LoopConfig(num_train_steps=10, steps_per_epoch=4), 99) == (10, 4)
+    with pytest.raises(ValueError, match="loop.num_train_steps"):
+        plan_steps(LoopConfig(), 5)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        plan_steps(LoopConfig(num_epochs=2), None)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_module():
+    return setup(total_steps=16)
+
+
+@pytest.fixture
+def tiny(tiny_module):
+    """A fresh copy of the state per test: fit consumes (donates) the state it is given."""
+    state, *rest = tiny_module
+    return (jax.tree.map(jnp.copy, state), *rest)
+
+
+def test_fit_fires_each_event_at_the_expected_steps(tiny):
+    state, train_step, eval_step, *_ = tiny
+    hook, seen = recorder()
+    config = LoopConfig(num_train_steps=16, steps_per_epoch=4, check_val_every_n_steps=6, check_val_every_n_epoch=2)
+    result = fit(state, train_step, eval_step, Stream(), config=config, log_every_n_steps=5, val_data=eval_set(1),
+                 test_data=eval_set(1), hooks=[hook], logger=None)  # fmt: skip
+    assert result.status == "success" and result.step == 16
+    expected = [("train_start", 0, 1, "")]
+    for step in range(1, 17):
+        if step % 4 == 1:
+            expected.append(("epoch_start", step - 1, (step - 1) // 4 + 1, ""))
+        expected.append(("step", step, (step - 1) // 4 + 1, ""))
+        if step % 6 == 0:
+            expected += [
+                ("val_start", step, (step - 1) // 4 + 1, "step"),
+                ("val_end", step, (step - 1) // 4 + 1, "step"),
+            ]
+        if step % 4 == 0:
+            expected.append(("epoch_end", step, step // 4, ""))
+            if (step // 4) % 2 == 0:
+                expected += [("val_start", step, step // 4, "epoch"), ("val_end", step, step // 4, "epoch")]
+    expected += [("train_end", 16, 4, ""), ("test_start", 16, 4, ""), ("test_end", 16, 4, "")]
+    assert seen == expected
+    assert sorted(result.results) == ["test", "val_epoch_2", "val_epoch_4", "val_step_12", "val_step_6"]
+
+
+def test_epoch_validation_at_a_validated_step_reuses_the_result(tiny):
+    state, train_step, eval_step, *_ = tiny
+    hook, seen = recorder()
+    config = LoopConfig(num_train_steps=8, steps_per_epoch=4, check_val_every_n_steps=4, check_val_every_n_epoch=1)
+    result = fit(state, train_step, eval_step, Stream(), config=config, val_data=eval_set(1), hooks=[hook])
+    assert [(k, s) for k, s, _, _ in seen if k.startswith("val")] == [
+        ("val_start", 4), ("val_end", 4), ("val_start", 8), ("val_end", 8)
+    ]  # fmt: skip
+    assert result.results["val_epoch_1"] is result.results["val_step_4"]
+
+
+def test_stop_action_ends_training_with_its_status(tiny):
+    state, train_step, eval_step, *_ = tiny
+    stopper = on(["step"], lambda e: [Stop("stopped", "enough")] if e.step == 3 else None)
+    result = fit(state, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=10), hooks=[stopper],
+                 test_data=eval_set(1))  # fmt: skip
+    assert (result.status, result.step, result.reason) == ("stopped", 3, "enough")
+    assert "test" not in result.results  # no test after an interrupted run
+
+
+def _tensorboard_scalars(directory):
+    """{tag: [(step, value)]} read straight from the event files (TFRecord framing + the Event proto)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_logs_read_back_equal_to_the_metrics(tiny, tmp_path):
+    state, train_step, eval_step, schedule, *_ = tiny
+    logger = RunLogger(tmp_path, LogConfig(log_every_n_steps=4, tensorboard_flush_secs=1))
+    logger.log_config({"model": {"embedding_dim": 32}})
+    config = LoopConfig(num_train_steps=12, steps_per_epoch=6, check_val_every_n_steps=4, check_val_every_n_epoch=-1)
+    result = fit(state, train_step, eval_step, Stream(), config=config, log_every_n_steps=4, val_data=eval_set(1),
+                 test_data=eval_set(1), hooks=[lr_monitor(schedule, 4)], logger=logger)  # fmt: skip
+    logger.finalize(result.status)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val_rows = [r for r in rows if r["mode"] == "val"]
+    assert [r["log_step"] for r in val_rows] == [4, 8, 12]
+    for row in val_rows:
+        expected = result.results[f"val_step_{row['log_step']}"]
+        assert {k: row[k] for k in expected} == expected
+    train_rows = [r for r in rows if r["mode"] == "train" and "loss_mean" in r]
+    assert [r["log_step"] for r in train_rows] == [4, 8, 12]
+    assert all(r["optimizer/lr"] == pytest.approx(float(schedule(r["log_step"] - 1)), rel=1e-6) for r in train_rows)
+    assert all(r["step_time"] > 0 and r["tokens_per_s"] > 0 for r in train_rows)
+    assert [r["log_step"] for r in rows if r["mode"] == "train" and "epoch_time" in r] == [6, 12]
+    assert [r["compile_time"] > 0 for r in rows if r["mode"] == "timing"] == [True]
+    assert {r["mode"] for r in rows} >= {"model", "dataset", "parallel", "test"}
+    # CSV: the same numbers, row by row.
+    with (tmp_path / "metrics_val.csv").open(newline="") as file:
+        csv_rows = list(csv.DictReader(file))
+    assert [int(r["log_step"]) for r in csv_rows] == [4, 8, 12]
+    for row, json_row in zip(csv_rows, val_rows):
+        assert all(float(row[k]) == pytest.approx(json_row[k], rel=1e-12) for k in ("loss", "accuracy", "perplexity"))
+    # TensorBoard: float32 copies at the right steps.
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["val/loss"]] == [4, 8, 12]
+    assert [v for _, v in scalars["val/loss"]] == pytest.approx([r["loss"] for r in val_rows], rel=1e-6)
+    assert [s for s, _ in scalars["train/loss_mean"]] == [4, 8, 12]
+    assert (tmp_path / "config.yaml").read_text().startswith("model:")
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "success"
+    assert "run finished with status success" in (tmp_path / "output.log").read_text()
+    assert math.isfinite(result.results["test"]["loss"])
+
+
+def test_unwritable_run_directory_is_a_clear_error(tmp_path):
+    from xlstm_eqx.loop import LogPathError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(LogPathError, match="cannot write to the run directory .*file/run"):
+        RunLogger(blocker / "run")

@@ -1,0 +1,203 @@
+"""``fit``: the training loop, composing ``train_step`` / ``eval_step`` with hooks, a logger and a progress bar."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from ..config.parsing import ConfigError
+from ..config.run import LoopConfig
+from ..train.metrics import merge_metrics
+from ..train.metrics_host import add_perplexity, to_host
+from .evaluate import EvalSets, evaluate
+from .events import Event, Hook, Stop, fire
+from .logger import RunLogger, StepTimer
+
+LOSS_KEYS = ("loss_mean", "loss_single", "loss", "loss_max")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """``status``: ``success``, ``nan`` or the status of a hook's Stop; ``results``: ``val_step_<s>``,
+    ``val_epoch_<e>`` and ``test`` → host metrics."""
+
+    state: Any
+    status: str
+    step: int
+    results: dict[str, dict[str, Any]]
+    reason: str = ""
+
+
+def plan_steps(config: LoopConfig, steps_per_epoch: int | None) -> tuple[int, int]:
+    """(total steps, steps per epoch). Without any epoch length a step-limited run is one epoch."""
+    per_epoch = config.steps_per_epoch or steps_per_epoch
+    if config.num_epochs is None and config.num_train_steps is None:
+        raise ConfigError("loop.num_train_steps", "set loop.num_epochs or loop.num_train_steps")
+    if config.num_epochs is not None:
+        if per_epoch is None:
+            raise ConfigError("loop.steps_per_epoch", "loop.num_epochs needs the epoch length in steps")
+        return config.num_epochs * per_epoch, per_epoch
+    return config.num_train_steps, per_epoch or config.num_train_steps
+
+
+def _step_scalars(metrics: dict[str, Any]) -> tuple[float, bool]:
+    """This step's loss and non-finite flag (one small device_get; waits for the step to finish)."""
+    keys = [k for k in LOSS_KEYS if k in metrics][:1] + [k for k in ("nonfinite_max",) if k in metrics]
+    host = to_host({k: metrics[k] for k in keys})
+    loss = float(host[keys[0]]) if keys and keys[0] in LOSS_KEYS else math.nan
+    return loss, bool(host.get("nonfinite_max", 0.0) > 0 or (keys and not math.isfinite(loss)))
+
+
+def run_info(state: Any, batch: Any, total: int, per_epoch: int) -> dict[str, dict[str, Any]]:
+    """Start-up summary rows: ``model`` (parameters, optimizer-state size), ``dataset``, ``parallel`` (mesh)."""
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    sharding = getattr(jax.tree.leaves(state.params)[0], "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    axes = dict(mesh.shape) if mesh is not None else {}
+    return {
+        "model": {"num_params": count(state.params), "num_optimizer_state": count(state.opt_state)},
+        "dataset": {
+            "global_batch_size": batch.inputs.shape[0],
+            "seq_len": batch.inputs.shape[1],
+            "tokens_per_step": batch.inputs.size,
+            "steps_per_epoch": per_epoch,
+            "num_train_steps": total,
+        },
+        "parallel": {
+            **{f"mesh_{k}": v for k, v in axes.items()},
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+        },
+    }
+
+
+def fit(
+    state: Any,
+    train_step: Callable[[Any, Any], tuple[Any, Any]],
+    eval_step: Callable[..., Any],
+    train_data: Iterator[Any],
+    *,
+    config: LoopConfig,
+    log_every_n_steps: int = 50,
+    steps_per_epoch: int | None = None,
+    val_data: EvalSets | None = None,
+    test_data: EvalSets | None = None,
+    hooks: Sequence[Hook] = (),
+    logger: RunLogger | None = None,
+    restore_best: Callable[[Any], tuple[Any, int]] | None = None,
+    process_index: int = 0,
+) -> FitResult:
+    """Trains ``state`` from its own step (so a restored state resumes) to the planned total. ``state`` is
+    consumed (the train step donates it); use the returned one.
+
+    ``train_data`` is an endless iterator of global batches (with ``get_state`` if it can be checkpointed);
+    ``val_data`` / ``test_data`` are evaluation sets (see :mod:`.evaluate`). Validation runs every
+    ``check_val_every_n_steps`` steps and after every ``check_val_every_n_epoch``-th epoch (once per step:
+    an epoch-end validation at a step that was just validated re-uses that result). The test runs at the end
+    on ``restore_best(state) -> (state, step)`` (the best checkpoint) if given, else on the final state.
+    """
+    total, per_epoch = plan_steps(config, steps_per_epoch)
+    step = int(jax.device_get(state.step))
+    write = logger.write if logger is not None else (lambda *args: True)
+    results: dict[str, dict[str, Any]] = {}
+    timer, epoch_start = StepTimer(), time.perf_counter()
+
+    def emit(kind, metrics=None, *, mode="train", at_state=None, epoch=None, **fields) -> Stop | None:
+        epoch = epoch if epoch is not None else max(step - 1, 0) // per_epoch + 1
+        event = Event(
+            kind,
+            step,
+            epoch,
+            state if at_state is None else at_state,
+            dict(metrics or {}),
+            data_state=data_state,
+            process_index=process_index,
+            **fields,
+        )
+        logged, stop = fire(hooks, event)
+        write(mode, step, epoch, {**event.metrics, **logged.pop(None, {}), **logged.pop(mode, {})})
+        for other, extra in logged.items():
+            write(other, step, epoch, extra)
+        return stop
+
+    def validate(trigger: str) -> tuple[dict[str, Any], Stop | None]:
+        stop = emit("val_start", mode="val", trigger=trigger)
+        metrics = evaluate(eval_step, state, val_data)
+        stop = emit("val_end", metrics, mode="val", trigger=trigger) or stop
+        timer.reset(step)  # evaluation time never counts as step time
+        return metrics, stop
+
+    get_data_state = getattr(train_data, "get_state", lambda: None)
+    data_state = get_data_state()  # the stream's position after the last step taken (what a checkpoint needs)
+    batch = next(train_data) if step < total else None
+    tokens = 0 if batch is None else int(batch.inputs.size)  # per step: rows × length of the global batch
+    if batch is not None:
+        for mode, row in run_info(state, batch, total, per_epoch).items():
+            write(mode, step, step // per_epoch + 1, {**row, "start_step": step})
+    stop = emit("train_start")
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc="Training",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not config.enable_progress_bar or process_index != 0,
+    )
+    running, first, last_val, tick = None, True, -1, time.perf_counter()
+    while stop is None and step < total:
+        if step % per_epoch == 0:
+            epoch_start = time.perf_counter()
+            stop = emit("epoch_start", epoch=step // per_epoch + 1)
+        started = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        step += 1
+        data_state = get_data_state()
+        batch = next(train_data) if step < total else None  # loads while the device computes
+        loss, nonfinite = _step_scalars(metrics)
+        running = metrics if running is None else merge_metrics(running, metrics)
+        now = time.perf_counter()
+        if first:  # the first call compiles: reported on its own, kept out of step_time
+            write("timing", step, max(step - 1, 0) // per_epoch + 1, {"compile_time": now - started})
+            timer.reset(step)
+            first = False
+        logged = {}
+        if step % log_every_n_steps == 0:
+            logged = {**add_perplexity(to_host(running)), **timer.rates(step, tokens)}
+            logged["epoch"], running = max(step - 1, 0) // per_epoch + 1, None
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / max(now - tick, 1e-9):.0f}", refresh=False)
+        tick = now
+        stop = emit("step", logged, loss=loss, nonfinite=nonfinite)
+        if stop is not None:
+            break
+        if val_data is not None and config.check_val_every_n_steps > 0 and step % config.check_val_every_n_steps == 0:
+            results[f"val_step_{step}"], stop = validate("step")
+            last_val = step
+        if step % per_epoch == 0 and stop is None:
+            epoch = step // per_epoch
+            stop = emit("epoch_end", {"epoch_time": time.perf_counter() - epoch_start})
+            every = config.check_val_every_n_epoch
+            if val_data is not None and every > 0 and epoch % every == 0 and stop is None:
+                if last_val == step:
+                    results[f"val_epoch_{epoch}"] = results[f"val_step_{step}"]
+                else:
+                    results[f"val_epoch_{epoch}"], stop = validate("epoch")
+                    last_val = step
+    bar.close()
+    status = "success" if stop is None else stop.status
+    emit("train_end", status=status)
+    if stop is not None and logger is not None:
+        logger.warning("training stopped at step %d: %s", step, stop.reason)
+    if test_data is not None and status == "success":
+        test_state, source = restore_best(state) if restore_best is not None else (state, step)
+        emit("test_start", mode="test", at_state=test_state)
+        metrics = {**evaluate(eval_step, test_state, test_data), "checkpoint_step": source}
+        emit("test_end", metrics, mode="test", at_state=test_state)
+        results["test"] = metrics
+    return FitResult(state, status, step, results, "" if stop is None else stop.reason)

@@ -1,0 +1,122 @@
+"""Built-in hooks: NaN stop, learning-rate monitor, profiler, checkpointing, and the extended-evaluation slot.
+
+Each is a plain function of an :class:`~.events.Event` (built by a factory that closes over what it needs);
+filter them with the combinators of :mod:`.events`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from ..config.parsing import ConfigError
+from ..config.run import CheckpointConfig
+from ..io.writers import is_finite_row
+from ..train.optim import learning_rate_at, optimizer_step_count
+from .events import Action, Event, Hook, Log, Stop, every_n_steps, main_process_only, on
+
+LOGGER = logging.getLogger(__name__)
+
+
+def nan_stop() -> Hook:
+    """Stop with status ``nan`` at the first step whose loss or gradients are not finite, or at a validation
+    with a non-finite metric. (With ``check_for_nan`` that step changed nothing, so the state stays good.)"""
+
+    def hook(event: Event) -> Iterable[Action]:
+        if event.kind == "step" and event.nonfinite:
+            return [Stop("nan", f"non-finite loss or gradients at step {event.step} (loss {event.loss})")]
+        if event.kind == "val_end":
+            bad = [k for k, v in event.metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                return [Stop("nan", f"non-finite validation metrics at step {event.step}: {', '.join(bad)}")]
+        return []
+
+    return hook
+
+
+def lr_monitor(schedule: Callable[[Any], Any], every: int = 50, key: str = "optimizer/lr") -> Hook:
+    """Every ``every`` steps, logs ``key`` = the learning rate the step's update applied: the schedule at the
+    optimizer's count before that update (a skipped non-finite step applied nothing and logs the next one)."""
+
+    def hook(event: Event) -> Iterable[Action]:
+        count = optimizer_step_count(event.state.opt_state)
+        return [Log({key: float(learning_rate_at(schedule, jax.numpy.maximum(count - 1, 0)))})]
+
+    return main_process_only(every_n_steps(every, on(["step"], hook)))
+
+
+class _Profiler:
+    """A ``jax.profiler`` trace of steps [first, first + num_steps) into ``directory``; also stopped early at
+    a validation, an epoch end or the end of training (which would otherwise pollute the trace)."""
+
+    def __init__(self, directory: str | Path, first: int, num_steps: int):
+        self.directory, self.first, self.last = str(directory), first, first + num_steps - 1
+        self.active = False
+
+    def _stop(self, state: Any) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            LOGGER.info("profiler trace written to %s", self.directory)
+
+    def __call__(self, event: Event) -> None:
+        starts_next = event.step == self.first - 1 and event.kind in ("train_start", "step")
+        if starts_next and not self.active:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+        elif event.kind == "step" and event.step >= self.last:
+            self._stop(event.state)
+        elif event.kind in ("val_start", "epoch_end", "train_end", "test_start"):
+            self._stop(event.state)
+
+
+def profiler(directory: str | Path, first_step: int, num_steps: int = 5) -> Hook:
+    """Trace ``num_steps`` steps from ``first_step`` on (main process; ``first_step`` ≤ 0: never)."""
+    if first_step <= 0:
+        return lambda event: None
+    return main_process_only(_Profiler(directory, first_step, num_steps))
+
+
+def checkpoint_hook(checkpointer: Any, config: CheckpointConfig, meta: Callable[[Event], dict[str, Any]]) -> Hook:
+    """Saves through ``checkpointer`` every ``every_n_steps`` steps, after each validation (with its metrics,
+    so the best can be kept) and at the end of a run that did not stop on NaN. Never saves a non-finite step.
+    A ``monitor`` missing from the validation metrics is an error naming the metrics that exist."""
+    saved: set[int] = set()
+
+    def save(event: Event, metrics: Mapping[str, Any] | None = None) -> None:
+        scalars = None if metrics is None else {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        if event.step not in saved and checkpointer.save(event.step, event.state, meta=meta(event), metrics=scalars):
+            saved.add(event.step)
+
+    def hook(event: Event) -> None:
+        if event.kind == "step" and not event.nonfinite and config.every_n_steps > 0:
+            if event.step % config.every_n_steps == 0:
+                save(event)
+        elif event.kind == "val_end" and config.at_validation:
+            if config.monitor is not None and config.monitor not in event.metrics:
+                raise ConfigError(
+                    "checkpoint.monitor",
+                    f"{config.monitor!r} is not among the validation metrics {sorted(event.metrics)}",
+                )
+            if is_finite_row(dict(event.metrics)):  # never keep a model that evaluates to NaN
+                save(event, event.metrics)
+        elif event.kind == "train_end" and event.status not in ("nan",) and event.step > 0:
+            save(event)
+
+    return hook
+
+
+def extended_evaluation(evaluate: Callable[[Any, Event], Mapping[str, Any]], mode: str | None = None) -> Hook:
+    """The slot for extra evaluations (e.g. the LM Evaluation Harness): after every validation, logs
+    ``evaluate(state, event)`` under ``mode`` (None: with the validation's own row)."""
+
+    def hook(event: Event) -> Iterable[Action]:
+        return [Log(dict(evaluate(event.state, event)), mode)]
+
+    return on(["val_end"], hook)

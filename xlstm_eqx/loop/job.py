@@ -1,0 +1,138 @@
+"""The main job: train an xLSTM from a :class:`Config` (resuming if the run directory holds a checkpoint),
+validate, test on the best checkpoint, print a sample and draw the loss curve."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from ..config import Config, to_dict
+from ..config.parsing import ConfigError
+from ..data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, check_fits_model
+from ..io.checkpoint import Checkpointer
+from ..models import build
+from ..parallel import make_mesh
+from ..train import abstract_state, build_optimizer, build_schedule, init, make_eval_step, make_train_step
+from .events import Event, Hook
+from .fit import fit, plan_steps
+from .hooks import checkpoint_hook, lr_monitor, nan_stop, profiler
+from .logger import RunLogger
+from .restore import model_config_check
+from .run_data import build_run_data, unigram_perplexity
+
+
+def _check_monitor(config: Config, has_validation: bool) -> None:
+    validates = has_validation and (config.loop.check_val_every_n_epoch > 0 or config.loop.check_val_every_n_steps > 0)
+    if config.checkpoint.enabled and config.checkpoint.monitor is not None and not validates:
+        raise ConfigError(
+            "checkpoint.monitor",
+            f"{config.checkpoint.monitor!r} is a validation metric, but this run never validates "
+            "(no validation data, or both loop.check_val_every_n_* ≤ 0)",
+        )
+
+
+def train_job(
+    config: Config, *, extra_hooks: Sequence[Hook] = (), sample_prompt: str = "", sample_tokens: int = 0
+) -> dict[str, Any]:
+    """Runs the whole job and returns its summary (status, steps, validation/test perplexity, the unigram
+    baseline, timings, sample). Everything is written under ``config.log.run_dir``."""
+    run_dir = Path(config.log.run_dir)
+    logger = RunLogger(run_dir, config.log, process_index=jax.process_index())
+    checkpointer, status, summary = None, "error", {}
+    try:
+        config_dict = to_dict(config)
+        logger.log_config(config_dict)
+        tokenizer = Tokenizer.load(config.data.tokenizer or DEFAULT_TOKENIZER)
+        check_fits_model(tokenizer, config.model.vocab_size)
+        mesh = make_mesh(config.mesh)
+        data = build_run_data(config.data, tokenizer, mesh)
+        _check_monitor(config, data.validation is not None)
+        total, per_epoch = plan_steps(config.loop, data.steps_per_epoch)
+        tx, schedule = build_optimizer(config.optim, total), build_schedule(config.optim, total)
+        builder, key = functools.partial(build, config.model), jax.random.key(config.seed)
+        fsdp_min = config.mesh.fsdp_min_weight_size
+        state = resumed = None
+        if config.checkpoint.enabled:
+            checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint)
+            target, static = abstract_state(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
+            found = checkpointer.restore_latest_valid(target, check_meta=model_config_check(config, run_dir))
+            if found is not None:
+                resumed, state, meta = found
+                data.train.set_state(meta["data_state"])
+                logger.info("resuming from the checkpoint of step %d in %s", resumed, checkpointer.directory)
+        if state is None:
+            state, static = init(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
+        train_step = make_train_step(static, tx, mesh, config.train, fsdp_min_weight_size=fsdp_min)
+        eval_step = make_eval_step(static, mesh, config.train, fsdp_min_weight_size=fsdp_min)
+
+        def meta(event: Event) -> dict[str, Any]:
+            scalars = {k: v for k, v in event.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+            return {
+                "config": config_dict,
+                "step": event.step,
+                "epoch": event.epoch,
+                "total_steps": total,
+                "data_state": event.data_state,
+                "metrics": scalars,
+            }
+
+        hooks: list[Hook] = [nan_stop()] if config.hooks.nan_stop else []
+        hooks.append(lr_monitor(schedule, config.hooks.lr_monitor_every_n_steps))
+        hooks.append(profiler(logger.tensorboard_dir, config.hooks.profile_first_step, config.hooks.profile_num_steps))
+        if checkpointer is not None:
+            hooks.append(checkpoint_hook(checkpointer, config.checkpoint, meta))
+        hooks.extend(extra_hooks)
+
+        def restore_best(current):
+            checkpointer.wait()
+            best = checkpointer.best_step()
+            if best is None:
+                return current, int(current.step)
+            return checkpointer.restore(best, current, optimizer=False)[0], best
+
+        best_known = checkpointer is not None and config.checkpoint.monitor is not None
+        started = time.perf_counter()
+        result = fit(
+            state, train_step, eval_step, data.train, config=config.loop,
+            log_every_n_steps=config.log.log_every_n_steps, steps_per_epoch=per_epoch, val_data=data.validation, test_data=data.test, hooks=hooks, logger=logger,
+            restore_best=restore_best if best_known else None, process_index=jax.process_index(),
+        )  # fmt: skip
+        status = result.status
+        validations = [v for k, v in result.results.items() if k.startswith("val_")]
+        summary = {
+            "status": result.status,
+            "run_dir": str(run_dir),
+            "resumed_from_step": resumed,
+            "steps": result.step,
+            "steps_per_epoch": per_epoch,
+            "train_seconds": time.perf_counter() - started,
+            "val_loss": validations[-1].get("loss") if validations else None,
+            "val_perplexity": validations[-1].get("perplexity") if validations else None,
+            "test_perplexity": result.results.get("test", {}).get("perplexity"),
+            "test_checkpoint_step": result.results.get("test", {}).get("checkpoint_step"),
+        }
+        if data.validation is not None:
+            summary["unigram_val_perplexity"] = unigram_perplexity(
+                data.train_token_counts, data.validation(), config.model.vocab_size
+            )
+        if sample_tokens > 0 and jax.process_index() == 0:
+            from ..models.generate import sample_text
+
+            model = eqx.combine(result.state.params, static)
+            summary["sample"] = sample_text(model, tokenizer, sample_prompt, sample_tokens, key=jax.random.key(1))
+        return summary
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+        logger.finalize(status, {k: v for k, v in summary.items() if k != "sample"})
+        if status != "error" and "jsonl" in config.log.writers and jax.process_index() == 0:
+            from ..io.plot import plot_loss_curve
+
+            summary["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.jsonl", logger.tensorboard_dir / "loss.png"))

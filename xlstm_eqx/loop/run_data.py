@@ -1,0 +1,98 @@
+"""The data of a run, built from its config: the training stream, validation/test sets, and the epoch length."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from ..config.run import DataSection
+from ..data.corpus import default_corpus
+from ..data.loader import BatchIterator, eval_batches, train_batches
+from ..data.pipeline import DataConfig, train_dataset
+from ..data.sources import open_documents
+from ..data.tokenizer import Tokenizer
+from ..parallel.sharding import batch_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """``train``: the endless, resumable training stream of global batches; ``validation`` / ``test``: zero-argument
+    callables returning a fresh pass (None when the split is absent); ``steps_per_epoch``: batches in one
+    pass over the training data; ``train_token_counts``: token frequencies of that pass (for baselines)."""
+
+    train: BatchIterator
+    validation: Callable[[], Iterable[Any]] | None
+    test: Callable[[], Iterable[Any]] | None
+    steps_per_epoch: int
+    train_token_counts: Counter
+
+
+def split_paths(section: DataSection) -> tuple[list, list, list]:
+    if section.corpus == "shakespeare":
+        return default_corpus("train"), default_corpus("validation"), default_corpus("test")
+    return list(section.train_files), list(section.validation_files), list(section.test_files)
+
+
+def _data_config(section: DataSection, rows: int, **changes: Any) -> DataConfig:
+    return DataConfig(
+        seq_len=section.seq_len,
+        global_batch_size=rows,
+        mode=section.mode,
+        shuffle=section.shuffle,
+        seed=section.seed,
+        worker_count=section.worker_count,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        **changes,
+    )
+
+
+def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> RunData:
+    """Opens the splits, counts one training epoch (batches and token frequencies) and builds the iterators.
+    Batches are global arrays sharded over the mesh's batch axes."""
+    train_paths, val_paths, test_paths = split_paths(section)
+    sharding = NamedSharding(mesh, batch_spec(2))
+    train_source = open_documents(train_paths)
+    one_pass = train_dataset(train_source, tokenizer, _data_config(section, section.global_batch_size, num_epochs=1))
+    batches, counts = 0, Counter()
+    for element in one_pass:
+        batches += 1
+        counts.update(element["targets"][element["loss_mask"]].tolist())
+    if batches == 0:
+        raise ValueError(f"the training data {train_paths} yields no batches")
+    train = train_batches(train_source, tokenizer, _data_config(section, section.global_batch_size), sharding=sharding)
+    eval_config = _data_config(section, section.eval_batch_size or section.global_batch_size)
+
+    def eval_set(paths: list) -> Callable[[], Iterable[Any]] | None:
+        if not paths:
+            return None
+        source = open_documents(paths)
+        return lambda: itertools.islice(
+            eval_batches(source, tokenizer, eval_config, sharding=sharding), section.val_max_batches
+        )
+
+    return RunData(train, eval_set(val_paths), eval_set(test_paths), batches, counts)
+
+
+def unigram_perplexity(train_counts: Counter, batches: Iterable[Any], vocab_size: int) -> float:
+    """Perplexity on ``batches`` of the add-one-smoothed unigram model of ``train_counts``: the baseline a
+    language model must clearly beat."""
+    total = sum(train_counts.values())
+    log_prob = np.full(vocab_size, math.log(1.0 / (total + vocab_size)))
+    for token, count in train_counts.items():
+        log_prob[token] = math.log((count + 1) / (total + vocab_size))
+    scored, nll = 0, 0.0
+    for batch in batches:
+        inner = getattr(batch, "batch", batch)
+        targets = np.asarray(jax.device_get(inner.targets))[np.asarray(jax.device_get(inner.loss_mask))]
+        nll -= float(log_prob[targets].sum())
+        scored += targets.size
+    return math.exp(nll / max(scored, 1))
