@@ -53,9 +53,10 @@ class LoopConfig:
     """How long to train and when to validate.
 
     Exactly one of ``num_epochs`` / ``num_train_steps`` (checked when training starts). An epoch is
-    ``steps_per_epoch`` steps of the endless (per-epoch reshuffled) training stream; None = one pass over the training data, counted once before
-    training. Validation after every ``check_val_every_n_epoch``-th epoch and/or every
-    ``check_val_every_n_steps`` steps (≤ 0 disables either). The progress bar shows loss, tokens/s and ETA.
+    ``steps_per_epoch`` steps of the endless (per-epoch reshuffled) training stream; None = one pass over the
+    training data, counted once before training. Validation after every ``check_val_every_n_epoch``-th epoch
+    and/or every ``check_val_every_n_steps`` steps (≤ 0 disables either). The progress bar shows loss, tokens/s
+    and ETA.
     """
 
     num_epochs: int | None = None

@@ -101,7 +101,8 @@ def train_job(
         started = time.perf_counter()
         result = fit(
             state, train_step, eval_step, data.train, config=config.loop,
-            log_every_n_steps=config.log.log_every_n_steps, steps_per_epoch=per_epoch, val_data=data.validation, test_data=data.test, hooks=hooks, logger=logger,
+            log_every_n_steps=config.log.log_every_n_steps, steps_per_epoch=per_epoch, val_data=data.validation,
+            test_data=data.test, hooks=hooks, logger=logger,
             restore_best=restore_best if best_known else None, process_index=jax.process_index(),
         )  # fmt: skip
         status = result.status
