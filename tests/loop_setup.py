@@ -51,13 +51,16 @@ def eval_set(count: int = 2, seed: int = 99) -> list[Batch]:
 
 
 def setup(mesh_config=MeshConfig(data=1), train_config=TrainConfig(), total_steps=40, optim=None, devices=None):
-    """(state, train_step, eval_step, schedule, static, tx) on a mesh (default: one device)."""
+    """(state, train_step, eval_step, schedule, static, tx) on a mesh (default: one device); parameters are
+    sharded over fsdp as ``mesh_config.fsdp_min_weight_size`` says."""
     optim = optim or OptimConfig(learning_rate=3e-3, warmup_steps=5, decay="cosine", decay_steps=20)
     mesh = make_mesh(mesh_config, devices or jax.devices()[: max(mesh_config.data, 1) * mesh_config.fsdp])
     tx = build_optimizer(optim, total_steps)
-    state, static = init(functools.partial(build, MODEL), tx, key=jax.random.key(0), mesh=mesh)
-    train_step = make_train_step(static, tx, mesh, train_config)
-    eval_step = make_eval_step(static, mesh, train_config)
+    fsdp_min = mesh_config.fsdp_min_weight_size
+    state, static = init(functools.partial(build, MODEL), tx, key=jax.random.key(0), mesh=mesh,
+                         fsdp_min_weight_size=fsdp_min)  # fmt: skip
+    train_step = make_train_step(static, tx, mesh, train_config, fsdp_min_weight_size=fsdp_min)
+    eval_step = make_eval_step(static, mesh, train_config, fsdp_min_weight_size=fsdp_min)
     return state, train_step, eval_step, build_schedule(optim, total_steps), static, tx
 
 

@@ -1,0 +1,135 @@
+"""The main job end to end on a small text corpus, restore onto other meshes, and bad run directories."""
+
+import json
+import math
+import logging
+
+import jax
+import numpy as np
+import pytest
+from loop_setup import MODEL, Stream, eval_set, setup
+
+from xlstm_eqx.config import Config, ConfigError, load_config, to_dict
+from xlstm_eqx.config.mesh import MeshConfig
+from xlstm_eqx.config.run import CheckpointConfig, LoopConfig
+from xlstm_eqx.data.corpus import default_corpus
+from xlstm_eqx.io.checkpoint import Checkpointer
+from xlstm_eqx.loop import LogPathError, checkpoint_hook, evaluate, fit
+from xlstm_eqx.loop.job import train_job
+from xlstm_eqx.loop.restore import load_from_checkpoint, load_pretrained
+from xlstm_eqx.train.optim import optimizer_step_count
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Slices of real plays: 3 train files, 1 validation, 1 test (small enough to train on in seconds)."""
+    root = tmp_path_factory.mktemp("corpus")
+    works = default_corpus("train")[:3] + default_corpus("validation")[:1] + default_corpus("test")[:1]
+    names = ["train_a", "train_b", "train_c", "val", "test"]
+    for name, path in zip(names, works):
+        (root / f"{name}.txt").write_text(path.read_text()[: 12_000 if name.startswith("train") else 3_000])
+    return root
+
+
+def job_config(corpus, run_dir, *overrides):
+    return load_config(
+        "configs/shakespeare.yaml",
+        [
+            "model.embedding_dim=32", "model.num_blocks=1", "model.num_heads=2", "model.chunk_size=16",
+            "data.corpus=files", f"data.train_files=[{corpus}/train_a.txt,{corpus}/train_b.txt,{corpus}/train_c.txt]",
+            f"data.validation_files=[{corpus}/val.txt]", f"data.test_files=[{corpus}/test.txt]",
+            "data.seq_len=32", "data.global_batch_size=8", "optim.warmup_steps=2", "optim.decay_steps=8",
+            "loop.num_train_steps=12", "loop.steps_per_epoch=6", "loop.check_val_every_n_steps=4",
+            "loop.enable_progress_bar=false", "log.log_every_n_steps=2", "checkpoint.every_n_steps=5",
+            f"log.run_dir={run_dir}", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def test_job_trains_tests_on_the_best_checkpoint_and_leaves_artifacts(corpus, tmp_path):
+    summary = train_job(job_config(corpus, tmp_path / "run"), sample_prompt="KING:", sample_tokens=8)
+    run = tmp_path / "run"
+    assert summary["status"] == "success" and summary["steps"] == 12
+    assert math.isfinite(summary["val_perplexity"]) and summary["unigram_val_perplexity"] > 1
+    steps = Checkpointer(run / "checkpoints", CheckpointConfig(monitor="loss"), read_only=True)
+    best = steps.best_step()
+    val = {r["log_step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+           if r["mode"] == "val"}  # fmt: skip
+    assert best == min(val, key=val.get) and summary["test_checkpoint_step"] == best
+    assert 12 in steps.steps()  # the final state is always saved
+    assert isinstance(summary["sample"], str)
+    assert (run / "tensorboard" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "status.json").read_text())["status"] == "success"
+    loaded = load_from_checkpoint(run)
+    assert loaded.step == 12 and loaded.config == job_config(corpus, run)
+
+
+def test_restore_onto_other_meshes_gives_the_same_eval_loss(tmp_path):
+    fsdp8 = MeshConfig(data=1, fsdp=8, fsdp_min_weight_size=0)
+    state, train_step, eval_step, *_ = setup(mesh_config=fsdp8, total_steps=10)
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
+    config = Config(model=MODEL, mesh=fsdp8)
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    meta = lambda e: {"config": to_dict(config), "total_steps": 10}  # noqa: E731
+    hooks = [checkpoint_hook(checkpointer, CheckpointConfig(every_n_steps=4), meta)]
+    result = fit(state, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=4), hooks=hooks)
+    checkpointer.close()
+    expected = evaluate(eval_step, result.state, eval_set(2))["loss"]
+    for mesh, devices in [(MeshConfig(data=1, fsdp=2, fsdp_min_weight_size=0), jax.devices()[:2]),
+                          (MeshConfig(data=1), jax.devices()[:1])]:  # fmt: skip
+        loaded = load_from_checkpoint(tmp_path, mesh=mesh, devices=devices)
+        assert loaded.step == 4 and len(jax.tree.leaves(loaded.state.params)[0].sharding.device_set) == len(devices)
+        _, _, eval_other, *_ = setup(mesh_config=mesh, devices=devices)
+        assert evaluate(eval_other, loaded.state, eval_set(2))["loss"] == pytest.approx(expected, rel=2e-6)
+    # load_pretrained without the optimizer state: the schedule continues from the restored step.
+    fresh, *_ = setup(mesh_config=MeshConfig(data=1), devices=jax.devices()[:1])
+    restored, _ = load_pretrained(tmp_path, fresh, "latest", optimizer=False)
+    assert int(restored.step) == 4 and int(optimizer_step_count(restored.opt_state)) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)),
+                                                     jax.tree.leaves(jax.device_get(result.state.params))))  # fmt: skip
+
+
+def test_run_directory_of_another_model_is_refused_and_kept(corpus, tmp_path):
+    run = tmp_path / "run"
+    train_job(job_config(corpus, run, "loop.num_train_steps=5", "loop.check_val_every_n_steps=-1",
+                         "checkpoint.monitor=null"))  # fmt: skip
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"another model config.*model\.embedding_dim: 32 in the checkpoint, 48 now"):
+        train_job(job_config(corpus, run, "model.embedding_dim=48", "checkpoint.monitor=null"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert json.loads((run / "status.json").read_text())["status"] == "error"
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_says_so(corpus, tmp_path, caplog):
+    run = tmp_path / "run"
+    args = ["loop.check_val_every_n_steps=-1", "checkpoint.monitor=null", "checkpoint.keep_latest=3"]
+    train_job(job_config(corpus, run, "loop.num_train_steps=10", *args))
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 10 and len(steps) >= 2
+    latest = run / "checkpoints" / "10"
+    for path in latest.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "state" in path.parts:
+            path.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        summary = train_job(job_config(corpus, run, *args))
+    assert summary["resumed_from_step"] == steps[-2] and summary["status"] == "success"
+    assert "checkpoint 10" in caplog.text and "unreadable" in caplog.text
+    assert f"falling back to {steps[-2]}" in caplog.text
+    assert (run / "checkpoints" / "unreadable" / "10").is_dir()  # set aside, not deleted
+
+
+def test_monitor_errors_are_clear(corpus, tmp_path):
+    with pytest.raises(ConfigError, match=r"checkpoint.monitor: 'perplexity_x' is not among the validation metrics"):
+        train_job(job_config(corpus, tmp_path / "a", "checkpoint.monitor=perplexity_x", "checkpoint.every_n_steps=2"))
+    kept = Checkpointer(tmp_path / "a" / "checkpoints", CheckpointConfig(), read_only=True)
+    assert kept.steps() == [2, 4]  # what was saved before the failing validation is intact
+    with pytest.raises(ConfigError, match="never validates"):
+        train_job(job_config(corpus, tmp_path / "b", "loop.check_val_every_n_steps=-1",
+                             "loop.check_val_every_n_epoch=-1"))  # fmt: skip
+
+
+def test_unwritable_run_directory(corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LogPathError, match="cannot write to the run directory"):
+        train_job(job_config(corpus, blocker / "run"))

@@ -1,0 +1,154 @@
+"""Checkpoint/resume through the loop: NaN stops keep the last good checkpoint; a run killed with SIGKILL at
+random steps and resumed ends bit-identical to an uninterrupted one; bad run directories fail clearly."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from loop_setup import MODEL, Stream, eval_set, params_numpy, setup
+
+from xlstm_eqx.config.run import CheckpointConfig, LoopConfig
+from xlstm_eqx.config.train import TrainConfig
+from xlstm_eqx.io.checkpoint import Checkpointer
+from xlstm_eqx.loop import checkpoint_hook, fit, nan_stop
+from xlstm_eqx.loop.restore import load_from_checkpoint
+from xlstm_eqx.train.loss import lm_loss
+from xlstm_eqx.train.metrics import Measured
+from xlstm_eqx.train.steps import make_train_step
+
+SENTINEL = MODEL.vocab_size - 1  # Stream never draws it (ids < vocab / 4)
+
+
+class PoisonedStream(Stream):
+    """Stream whose batch for step ``poison_step`` carries the sentinel token that makes the loss NaN."""
+
+    def __init__(self, poison_step):
+        super().__init__()
+        self.poison_step = poison_step
+
+    def __next__(self):
+        batch = super().__next__()
+        if self.index == self.poison_step:
+            batch = eqx.tree_at(lambda b: b.inputs, batch, batch.inputs.at[0, 0].set(SENTINEL))
+        return batch
+
+
+def nan_on_sentinel(model, batch, key, **kwargs):
+    value, measured = lm_loss(model, batch, key, **kwargs)
+    poison = jnp.where(jnp.any(batch.inputs == SENTINEL), jnp.nan, 1.0).astype(value.dtype)
+    measured["loss"] = Measured(measured["loss"].value * poison, measured["loss"].count)
+    return value * poison, measured
+
+
+@pytest.mark.parametrize("check_for_nan", [True, False])
+def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, check_for_nan):
+    config = TrainConfig(check_for_nan=check_for_nan)
+    state, _, eval_step, _, static, tx = setup(train_config=config, total_steps=30)
+    mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+    train_step = make_train_step(static, tx, mesh, config, loss_fn=nan_on_sentinel)
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep_latest=10))
+    meta = lambda e: {"step": e.step, "data_state": e.data_state}  # noqa: E731
+    hooks = [nan_stop(), checkpoint_hook(checkpointer, CheckpointConfig(every_n_steps=5), meta)]
+    result = fit(state, train_step, eval_step, PoisonedStream(13), config=LoopConfig(num_train_steps=30),
+                 val_data=eval_set(1), test_data=eval_set(1), hooks=hooks)  # fmt: skip
+    checkpointer.wait()
+    assert (result.status, result.step) == ("nan", 13)
+    assert "step 13" in result.reason and "test" not in result.results
+    assert checkpointer.steps() == [5, 10]  # nothing saved at the NaN step or at the end of the stopped run
+    restored, saved_meta = checkpointer.restore("latest", result.state)
+    assert saved_meta == {"step": 10, "data_state": {"index": 10}}
+    assert all(np.isfinite(leaf).all() for leaf in params_numpy(restored))
+    if check_for_nan:  # the NaN step changed nothing: the state is still that of step 12
+        reference, *_ = setup(train_config=config, total_steps=30)
+        ref = fit(reference, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=12))
+        for a, b in zip(params_numpy(result.state), params_numpy(ref.state)):
+            np.testing.assert_array_equal(a, b)
+    checkpointer.close()
+
+
+TRAIN_ARGS = [
+    "model.vocab_size=4096",
+    "model.embedding_dim=32",
+    "model.num_blocks=1",
+    "model.num_heads=2",
+    "model.chunk_size=16",
+    "data.seq_len=32",
+    "data.global_batch_size=4",
+    "data.val_max_batches=2",
+    "optim.warmup_steps=3",
+    "optim.decay=cosine",
+    "optim.decay_steps=10",
+    "loop.num_train_steps=24",
+    "loop.steps_per_epoch=10",
+    "loop.check_val_every_n_steps=8",
+    "log.log_every_n_steps=1",
+    "checkpoint.every_n_steps=3",
+    "checkpoint.keep_latest=2",
+    "checkpoint.monitor=loss",
+    "hooks.lr_monitor_every_n_steps=4",
+]
+
+
+def _command(run_dir):
+    return [sys.executable, "-m", "xlstm_eqx.cli", "train", "--config", "configs/shakespeare.yaml",
+            "--sample-tokens", "0", *TRAIN_ARGS, f"log.run_dir={run_dir}"]  # fmt: skip
+
+
+def _environment():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: faster
+    return {**env, "JAX_PLATFORMS": "cpu"}
+
+
+def _logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return max([r["log_step"] for r in rows if r["mode"] == "train" and "loss_mean" in r] or [0])
+
+
+def _run_and_kill(run_dir, at_step, timeout=240):
+    process = subprocess.Popen(_command(run_dir), env=_environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while _logged_steps(run_dir) < at_step:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before step {at_step}: {process.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no step {at_step} within {timeout}s")
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _run(run_dir):
+    done = subprocess.run(_command(run_dir), env=_environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path):
+    reference = _run(tmp_path / "reference")
+    assert reference["status"] == "success" and reference["resumed_from_step"] is None
+    rng = random.Random(1234)
+    kills = sorted(rng.sample(range(2, 23), 2))
+    for at_step in kills:
+        _run_and_kill(tmp_path / "killed", at_step)
+    resumed = _run(tmp_path / "killed")
+    assert resumed["status"] == "success" and resumed["resumed_from_step"] is not None
+    a, b = load_from_checkpoint(tmp_path / "reference", 24), load_from_checkpoint(tmp_path / "killed", 24)
+    arrays = lambda s: jax.device_get((s.step, s.params, s.opt_state, jax.random.key_data(s.key)))  # noqa: E731
+    for x, y in zip(jax.tree.leaves(arrays(a.state)), jax.tree.leaves(arrays(b.state)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert resumed["val_loss"] == reference["val_loss"]
+    assert resumed["test_perplexity"] == reference["test_perplexity"]
