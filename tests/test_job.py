@@ -1,8 +1,8 @@
 """The main job end to end on a small text corpus, restore onto other meshes, and bad run directories."""
 
 import json
-import math
 import logging
+import math
 
 import jax
 import numpy as np
