@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 train: $(STAMP)
-	$(PY) -m xlstm_eqx.cli demo
+	$(PY) -m xlstm_eqx.cli train
 
 test: $(STAMP)
 	$(PY) -m pytest -q

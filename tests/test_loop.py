@@ -230,3 +230,16 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(LogPathError, match="cannot write to the run directory .*file/run"):
         RunLogger(blocker / "run")
+
+
+def test_profiler_traces_the_step_range(tiny, tmp_path):
+    from xlstm_eqx.loop import profiler
+
+    state, train_step, eval_step, *_ = tiny
+    hook, seen = recorder()
+    fit(state, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=5),
+        hooks=[profiler(tmp_path, first_step=2, num_steps=2), hook])  # fmt: skip
+    traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert profiler(tmp_path / "off", first_step=0)(Event("step", 1, 1)) is None
+    assert not (tmp_path / "off").exists()

@@ -50,6 +50,8 @@ class DataConfig:
     process_index: int = 0
     process_count: int = 1
     num_packing_bins: int | None = None  # default: the local batch size
+    read_threads: int = 1
+    read_ahead: int = 16  # documents tokenised ahead of the packer
 
     def __post_init__(self):
         if self.seq_len < 1 or self.global_batch_size < 1:
@@ -62,6 +64,8 @@ class DataConfig:
             raise ValueError(f"global_batch_size {self.global_batch_size} not divisible by process_count")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be ≥ 1 or None (infinite), got {self.num_epochs}")
+        if self.read_threads < 1 or self.read_ahead < 1:
+            raise ValueError(f"read_threads and read_ahead must be ≥ 1, got {self.read_threads}, {self.read_ahead}")
         if self.worker_count < 0 or self.worker_buffer_size < 1:
             raise ValueError(f"bad worker settings: {self.worker_count} workers, buffer {self.worker_buffer_size}")
 
@@ -184,6 +188,12 @@ def _documents(source: Any, config: DataConfig, indexed: bool) -> grain.MapDatas
     return ds
 
 
+def _read_options(config: DataConfig) -> grain.ReadOptions:
+    """Read-ahead of tokenised documents. grain's default (16 threads, 500 documents) tokenises many epochs of a
+    small corpus of long documents in the background, stealing the cores from compilation and the train step."""
+    return grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_ahead)
+
+
 def _finish(ds: grain.IterDataset, config: DataConfig) -> grain.IterDataset:
     ds = ds.batch(config.local_batch_size, drop_remainder=False).map(_PadBatch(config.local_batch_size))
     if config.worker_count > 0:
@@ -208,7 +218,7 @@ def train_dataset(source: Any, tokenizer: Any, config: DataConfig, eod_id: int |
     ds = _documents(source, config, indexed=False)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)  # before repeat: a fresh permutation every epoch, each document once
-    ds = ds.repeat(config.num_epochs).map(_Tokenize(tokenizer)).to_iter_dataset()
+    ds = ds.repeat(config.num_epochs).map(_Tokenize(tokenizer)).to_iter_dataset(_read_options(config))
     ds = grain.experimental.FlatMapIterDataset(ds, _SplitDocument(config.seq_len, eod))
     lengths = {key: config.seq_len for key in ("inputs", "targets", "positions")}
     if config.mode == "pack":
@@ -229,7 +239,9 @@ def eval_dataset(source: Any, tokenizer: Any, config: DataConfig, eod_id: int | 
     pass, no shuffle (``config.shuffle``, ``num_epochs`` and ``mode`` are ignored); ``ROW_KEYS`` plus
     ``INDEX_KEYS``. The final partial batch is padded with rows whose loss_mask is all False and indices 0."""
     eod = _eod(tokenizer, eod_id)
-    ds = _documents(source, config, indexed=True).map(_TokenizeIndexed(tokenizer)).to_iter_dataset()
+    ds = (
+        _documents(source, config, indexed=True).map(_TokenizeIndexed(tokenizer)).to_iter_dataset(_read_options(config))
+    )
     ds = grain.experimental.FlatMapIterDataset(ds, _SplitDocument(config.seq_len, eod))
     return _finish(ds.map(_PieceRow(config.seq_len)), config)
 

@@ -34,7 +34,8 @@ class Event:
     epoch that step belongs to; ``state``: the current TrainState (device arrays; hooks must not donate it).
     ``metrics``: host metrics of the moment: for ``step`` the interval's train metrics on log steps (else empty;
     the step's own loss is ``loss``), for ``val_end``/``test_end`` the evaluation results, for ``epoch_end``
-    ``epoch_time``. ``nonfinite``: the step's loss or gradients were not finite. ``trigger``: what started a
+    ``epoch_time``. ``nonfinite``: the step's loss or gradients were not finite;
+    ``validation_follows``: a validation of this same step comes next. ``trigger``: what started a
     validation (``"step"`` or ``"epoch"``). ``data_state``: the training iterator's state after this step (what a
     checkpoint must hold to resume exactly). ``status``: the run's status at ``train_end``.
     """
@@ -46,6 +47,7 @@ class Event:
     metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     loss: float = math.nan
     nonfinite: bool = False
+    validation_follows: bool = False
     trigger: str = ""
     data_state: Mapping[str, Any] | None = None
     status: str = ""

@@ -140,6 +140,8 @@ def fit(
     if batch is not None:
         for mode, row in run_info(state, batch, total, per_epoch).items():
             write(mode, step, step // per_epoch + 1, {**row, "start_step": step})
+            if logger is not None:
+                logger.info("%s: %s", mode, ", ".join(f"{k} {v:,}" for k, v in row.items()))
     stop = emit("train_start")
     bar = tqdm(
         total=total,
@@ -173,17 +175,20 @@ def fit(
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / max(now - tick, 1e-9):.0f}", refresh=False)
         tick = now
-        stop = emit("step", logged, loss=loss, nonfinite=nonfinite)
+        by_steps = config.check_val_every_n_steps > 0 and step % config.check_val_every_n_steps == 0
+        every = config.check_val_every_n_epoch
+        by_epoch = step % per_epoch == 0 and every > 0 and (step // per_epoch) % every == 0
+        follows = val_data is not None and (by_steps or by_epoch)
+        stop = emit("step", logged, loss=loss, nonfinite=nonfinite, validation_follows=follows)
         if stop is not None:
             break
-        if val_data is not None and config.check_val_every_n_steps > 0 and step % config.check_val_every_n_steps == 0:
+        if val_data is not None and by_steps:
             results[f"val_step_{step}"], stop = validate("step")
             last_val = step
         if step % per_epoch == 0 and stop is None:
             epoch = step // per_epoch
             stop = emit("epoch_end", {"epoch_time": time.perf_counter() - epoch_start})
-            every = config.check_val_every_n_epoch
-            if val_data is not None and every > 0 and epoch % every == 0 and stop is None:
+            if val_data is not None and by_epoch and stop is None:
                 if last_val == step:
                     results[f"val_epoch_{epoch}"] = results[f"val_step_{step}"]
                 else:

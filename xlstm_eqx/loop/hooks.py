@@ -91,12 +91,15 @@ def checkpoint_hook(checkpointer: Any, config: CheckpointConfig, meta: Callable[
 
     def save(event: Event, metrics: Mapping[str, Any] | None = None) -> None:
         scalars = None if metrics is None else {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        if event.step not in saved and checkpointer.save(event.step, event.state, meta=meta(event), metrics=scalars):
+        if event.step in saved or event.step == checkpointer.latest_step():  # e.g. re-running a finished run
+            return
+        if checkpointer.save(event.step, event.state, meta=meta(event), metrics=scalars):
             saved.add(event.step)
 
     def hook(event: Event) -> None:
         if event.kind == "step" and not event.nonfinite and config.every_n_steps > 0:
-            if event.step % config.every_n_steps == 0:
+            # a validation of this step follows: save there, with the metrics that rank it among the best
+            if event.step % config.every_n_steps == 0 and not (event.validation_follows and config.at_validation):
                 save(event)
         elif event.kind == "val_end" and config.at_validation:
             if config.monitor is not None and config.monitor not in event.metrics:
