@@ -16,6 +16,7 @@ from xlstm_eqx.loop import (
     Log,
     RunLogger,
     Stop,
+    evaluate,
     every_n_epochs,
     every_n_steps,
     fire,
@@ -243,3 +244,16 @@ def test_profiler_traces_the_step_range(tiny, tmp_path):
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert profiler(tmp_path / "off", first_step=0)(Event("step", 1, 1)) is None
     assert not (tmp_path / "off").exists()
+
+
+def test_dict_of_validation_sets_prefixes_each_sets_metrics(tiny):
+    state, train_step, eval_step, *_ = tiny
+    sets = {"plays": eval_set(1, seed=7), "sonnets": lambda: iter(eval_set(2, seed=8))}
+    config = LoopConfig(num_train_steps=2, check_val_every_n_epoch=1)
+    result = fit(state, train_step, eval_step, Stream(), config=config, val_data=sets)
+    metrics = result.results["val_epoch_1"]
+    alone = {name: evaluate(eval_step, result.state, one) for name, one in sets.items()}
+    for name in sets:
+        for key in ("loss", "accuracy", "perplexity"):
+            assert metrics[f"{name}_{key}"] == alone[name][key]
+    assert "loss" not in metrics

@@ -18,6 +18,7 @@ from loop_setup import MODEL, Stream, eval_set, params_numpy, setup
 
 from xlstm_eqx.config.run import CheckpointConfig, LoopConfig
 from xlstm_eqx.config.train import TrainConfig
+from xlstm_eqx.data.corpus import default_corpus
 from xlstm_eqx.io.checkpoint import Checkpointer
 from xlstm_eqx.loop import checkpoint_hook, fit, nan_stop
 from xlstm_eqx.loop.restore import load_from_checkpoint
@@ -98,9 +99,20 @@ TRAIN_ARGS = [
 ]
 
 
-def _command(run_dir):
+@pytest.fixture(scope="module")
+def corpus_args(tmp_path_factory):
+    """Slices of three plays (train) and one (validation, test): the run's data pass costs nothing."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, path in enumerate(default_corpus("train")[:3] + default_corpus("validation")[:1]):
+        (root / f"{i}.txt").write_text(path.read_text()[:20_000])
+    files = lambda *names: "[" + ",".join(f"{root}/{n}.txt" for n in names) + "]"  # noqa: E731
+    return ["data.corpus=files", f"data.train_files={files(0, 1, 2)}", f"data.validation_files={files(3)}",
+            f"data.test_files={files(3)}"]  # fmt: skip
+
+
+def _command(run_dir, corpus_args):
     return [sys.executable, "-m", "xlstm_eqx.cli", "train", "--config", "configs/shakespeare.yaml",
-            "--sample-tokens", "0", *TRAIN_ARGS, f"log.run_dir={run_dir}"]  # fmt: skip
+            "--sample-tokens", "0", *TRAIN_ARGS, *corpus_args, f"log.run_dir={run_dir}"]  # fmt: skip
 
 
 def _environment():
@@ -116,8 +128,8 @@ def _logged_steps(run_dir):
     return max([r["log_step"] for r in rows if r["mode"] == "train" and "loss_mean" in r] or [0])
 
 
-def _run_and_kill(run_dir, at_step, timeout=240):
-    process = subprocess.Popen(_command(run_dir), env=_environment(), stdout=subprocess.DEVNULL,
+def _run_and_kill(run_dir, corpus_args, at_step, timeout=240):
+    process = subprocess.Popen(_command(run_dir, corpus_args), env=_environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + timeout
     while _logged_steps(run_dir) < at_step:
@@ -131,20 +143,21 @@ def _run_and_kill(run_dir, at_step, timeout=240):
     process.wait()
 
 
-def _run(run_dir):
-    done = subprocess.run(_command(run_dir), env=_environment(), capture_output=True, text=True, timeout=300)
+def _run(run_dir, corpus_args):
+    command = _command(run_dir, corpus_args)
+    done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path):
-    reference = _run(tmp_path / "reference")
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, corpus_args):
+    reference = _run(tmp_path / "reference", corpus_args)
     assert reference["status"] == "success" and reference["resumed_from_step"] is None
     rng = random.Random(1234)
     kills = sorted(rng.sample(range(2, 23), 2))
     for at_step in kills:
-        _run_and_kill(tmp_path / "killed", at_step)
-    resumed = _run(tmp_path / "killed")
+        _run_and_kill(tmp_path / "killed", corpus_args, at_step)
+    resumed = _run(tmp_path / "killed", corpus_args)
     assert resumed["status"] == "success" and resumed["resumed_from_step"] is not None
     a, b = load_from_checkpoint(tmp_path / "reference", 24), load_from_checkpoint(tmp_path / "killed", 24)
     arrays = lambda s: jax.device_get((s.step, s.params, s.opt_state, jax.random.key_data(s.key)))  # noqa: E731
