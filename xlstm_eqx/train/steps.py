@@ -25,7 +25,7 @@ from ..config.train import TrainConfig
 from ..data.batch import Batch
 from ..parallel import BATCH_AXES, dotted_path, parameter_specs
 from .loss import INTERMEDIATES_PREFIX, lm_loss
-from .metrics import Measured, accumulate, merge_metrics, reduce_measured
+from .metrics import EVAL_LOG_MODES, Measured, ModesSpec, accumulate, as_log_modes, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
@@ -133,10 +133,6 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=(0,) if config.donate_train_state else ())
 
 
-def _default_modes(measured: dict, default: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    return {name: default for name in measured}
-
-
 def _train_modes(measured: dict, config: TrainConfig) -> dict[str, tuple[str, ...]]:
     """default_train_log_modes, and intermediates_log_modes for the model's diagnostics."""
     return {
@@ -154,12 +150,14 @@ def make_eval_step(
     *,
     loss_fn: LossFn = lm_loss,
     fsdp_min_weight_size: int = 2**18,
+    modes: ModesSpec = None,
 ) -> Callable[[TrainState, Batch, Any], Any]:
     """``eval_step(state, batch, metrics) -> metrics``: folds one batch's loss/accuracy into ``metrics``
-    (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``); randomness, if the loss
-    uses any, is fixed by ``seed_eval`` so evaluation is reproducible."""
+    (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``) unless ``modes`` says otherwise
+    (e.g. ``single_noreduce`` for per-example values, see :mod:`xlstm_eqx.eval.extended`); randomness, if the
+    loss uses any, is fixed by ``seed_eval`` so evaluation is reproducible."""
     tp_axis = tp_axis_of(mesh)
-    eval_modes = ("mean_nopostfix",)
+    eval_modes = EVAL_LOG_MODES if modes is None else as_log_modes(modes)
 
     def local_eval(params, batch, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
@@ -177,7 +175,7 @@ def make_eval_step(
             in_specs=(specs, batch_specs(batch)),
             out_specs=P(),
         )(state.params, batch)
-        new = accumulate(measured, _default_modes(measured, eval_modes))
+        new = accumulate(measured, eval_modes)
         return new if metrics is None else merge_metrics(metrics, new)
 
     return eval_step if config.debug else jax.jit(eval_step)
