@@ -135,3 +135,19 @@ def test_unwritable_run_directory(corpus, tmp_path):
     blocker.write_text("x")
     with pytest.raises(LogPathError, match="cannot write to the run directory"):
         train_job(job_config(corpus, blocker / "run"))
+
+
+def test_sharded_job_equals_single_device_job(corpus, tmp_path):
+    # SGD: float32 Adam amplifies reduction-order rounding step after step; SGD keeps it at rounding level.
+    common = ["optim.name=sgd", "optim.momentum=0.9", "optim.weight_decay=0.0", "optim.learning_rate=0.3",
+              "loop.num_train_steps=8", "checkpoint.enabled=false", "checkpoint.monitor=null"]  # fmt: skip
+    single = train_job(job_config(corpus, tmp_path / "one", "mesh.data=1", *common))
+    sharded = train_job(job_config(corpus, tmp_path / "four", "mesh.data=2", "mesh.fsdp=2",
+                                   "mesh.fsdp_min_weight_size=0", *common))  # fmt: skip
+    assert single["status"] == sharded["status"] == "success"
+    assert sharded["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+    # compare losses (log perplexity): exp turns a rounding-level loss difference into a larger relative one
+    assert math.log(sharded["test_perplexity"]) == pytest.approx(math.log(single["test_perplexity"]), rel=1e-6)
+    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    parallel = [r for r in rows(tmp_path / "four") if r["mode"] == "parallel"][0]
+    assert (parallel["mesh_data"], parallel["mesh_fsdp"]) == (2, 2)
