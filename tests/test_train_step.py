@@ -135,6 +135,7 @@ def test_accumulation_equals_one_big_batch(scan):
         assert relative(a, b) <= 1e-6
 
 
+@pytest.mark.slow  # op-by-op on two devices: ~50 s
 def test_debug_mode_gives_the_same_numbers():
     """Without jit (op by op, debuggable) the step computes the same numbers as the compiled one."""
     params, history, evaluation = run((2, 1, 1), TrainConfig(debug=True), tx=SGD_MOMENTUM, steps=1)
