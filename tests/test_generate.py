@@ -186,3 +186,13 @@ def test_sample_text_rejects_a_tokenizer_larger_than_the_vocab():
     small = eqx.filter_eval_shape(build, ModelConfig(**{**TINY.__dict__, "vocab_size": 300}), key=jax.random.key(0))
     with pytest.raises(ValueError, match="vocab_size"):
         sample_text(small, Tokenizer.load(), "hi", 2, key=jax.random.key(0))
+
+
+def test_top_p_samples_only_the_nucleus():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.5 < 0.7 ≤ 0.8), top_p 0.5 only the first
+    logits = jnp.log(jnp.asarray([0.05, 0.5, 0.15, 0.3]))
+    keys = jax.random.split(jax.random.key(11), 400)
+    nucleus = set(np.asarray(jax.vmap(lambda k: _sample(logits, k, 1.0, None, 0.7))(keys)).tolist())
+    assert nucleus == {1, 3}
+    assert set(np.asarray(jax.vmap(lambda k: _sample(logits, k, 1.0, None, 0.5))(keys)).tolist()) == {1}
+    assert set(np.asarray(jax.vmap(lambda k: _sample(logits, k, 1.0, 3, 1.0))(keys)).tolist()) == {1, 2, 3}

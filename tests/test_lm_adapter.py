@@ -50,8 +50,11 @@ def test_generation_stops_at_until_and_max_tokens(lm):
     stop = free[len(free) // 2 : len(free) // 2 + 2] or "e"
     cut = lm.generate_until([request("generate_until", "KING.\n", {"until": [stop], "max_gen_toks": 24})])[0]
     assert stop not in cut and free.startswith(cut)
-    with pytest.raises(ValueError, match="unsupported gen_kwargs \\['top_p'\\]"):
-        lm.generate_until([request("generate_until", "KING.\n", {"top_p": 0.9})])
+    sampled = lm.generate_until([request("generate_until", "KING.\n", {"temperature": 1.0, "top_p": 0.9, "top_k": 50,
+                                                                      "max_gen_toks": 8})])[0]  # fmt: skip
+    assert isinstance(sampled, str)
+    with pytest.raises(ValueError, match="unsupported gen_kwargs \\['typical_p'\\]"):
+        lm.generate_until([request("generate_until", "KING.\n", {"typical_p": 0.9})])
 
 
 def test_bundled_tasks_run_through_simple_evaluate(lm, monkeypatch, tmp_path):

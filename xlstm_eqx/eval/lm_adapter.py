@@ -5,9 +5,9 @@
 border are handled). ``loglikelihood_rolling``: a whole document, either recurrently over chunks of
 ``infinite_eval_chunksize`` with the state carried (``use_infinite_eval``: every token sees the whole document)
 or in disjoint windows of ``context_length`` whose context tokens are never scored. ``generate_until``: prefill
-plus recurrent decoding, greedy or sampled (``temperature``, ``top_k`` from the request's gen_kwargs), cut at the
-first ``until`` string and at ``max_gen_toks``. Every context starts with the end-of-document token, as every
-training document does.
+plus recurrent decoding, greedy or sampled (``temperature``, ``top_k``, ``top_p`` from the request's
+gen_kwargs), cut at the first ``until`` string and at ``max_gen_toks``. Every context starts with the
+end-of-document token, as every training document does.
 """
 
 from __future__ import annotations
@@ -99,13 +99,13 @@ class XlstmEqxLM(TemplateLM):
             max_tokens = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
             do_sample = gen_kwargs.pop("do_sample", None)
             temperature = float(gen_kwargs.pop("temperature", 0.0)) if do_sample is not False else 0.0
-            top_k = gen_kwargs.pop("top_k", None)
-            if gen_kwargs:  # e.g. top_p: refuse rather than silently ignore a sampling setting
+            top_k, top_p = gen_kwargs.pop("top_k", None), gen_kwargs.pop("top_p", None)
+            if gen_kwargs:  # refuse rather than silently ignore a sampling setting
                 raise ValueError(f"generate_until: unsupported gen_kwargs {sorted(gen_kwargs)} in request {index}")
             prompt = self._with_eod(self.tok_encode(context))[-self.context_length :]
             tokens = generate_jit(
                 self.model, jax.numpy.asarray(prompt, jax.numpy.int32), max_tokens,
-                key=jax.random.fold_in(self._key, index), temperature=temperature, top_k=top_k,
+                key=jax.random.fold_in(self._key, index), temperature=temperature, top_k=top_k, top_p=top_p,
                 eod_id=self.eot_token_id,
             )  # fmt: skip
             tokens = [int(t) for t in jax.device_get(tokens)]

@@ -39,7 +39,13 @@ def _is_int(value: object) -> bool:
 
 
 def check_generate_args(
-    model: xLSTMLM, prompt: Array, num_tokens: int, temperature: float, top_k: int | None, eod_id: int | None = None
+    model: xLSTMLM,
+    prompt: Array,
+    num_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eod_id: int | None = None,
+    top_p: float | None = None,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` naming the offending argument. The prompt's token ids are checked here
     when the prompt is concrete; a traced prompt is checked on device by the model's forward instead."""
@@ -59,6 +65,8 @@ def check_generate_args(
             raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
         if not 1 <= top_k <= vocab:
             raise ValueError(f"top_k must be in [1, vocab_size={vocab}] or None, got {top_k}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a float in (0, 1] or None, got {top_p!r}")
     if eod_id is not None:
         if not _is_int(eod_id):
             raise TypeError(f"eod_id must be an int or None, got {type(eod_id).__name__}")
@@ -82,15 +90,26 @@ def check_generate_args(
             )
 
 
-def _sample(logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature: float, top_k: int | None) -> Array:
-    """One token id (int32) from one position's logits."""
+def _sample(
+    logits: Float[Array, " vocab"],
+    key: PRNGKeyArray,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None = None,
+) -> Array:
+    """One token id (int32) from one position's logits: among the ``top_k`` best, then within the smallest set
+    of those whose probability reaches ``top_p`` (nucleus; the best token is always kept)."""
     if temperature == 0:
         return jnp.argmax(logits).astype(jnp.int32)  # argmax is int64 under x64
     scaled = logits / temperature
-    if top_k is None:
+    if top_k is None and top_p is None:
         return jax.random.categorical(key, scaled).astype(jnp.int32)
     # Sample among exactly the k best (ties broken like lax.top_k: lower id first), so top_k=1 is greedy.
-    values, indices = lax.top_k(scaled, top_k)
+    values, indices = lax.top_k(scaled, top_k if top_k is not None else scaled.shape[-1])
+    if top_p is not None:
+        probs = jax.nn.softmax(values)
+        better_mass = jnp.cumsum(probs) - probs  # probability of the strictly better candidates
+        values = jnp.where(better_mass < top_p, values, -jnp.inf)
     return indices[jax.random.categorical(key, values)].astype(jnp.int32)
 
 
@@ -102,20 +121,21 @@ def _generate(
     temperature: float,
     top_k: int | None,
     eod_id: int | None,
+    top_p: float | None = None,
 ) -> Array:
     # Prefill: one call with the configured parallel/chunkwise kernel. With eod_id, every EOD input starts a fresh
     # document (memory wiped before it is written), as in training where each document's inputs begin with EOD.
     reset = None if eod_id is None else prompt == eod_id
     logits, state = model(prompt, reset=reset)
     keys = jax.random.split(key, num_tokens)
-    first = _sample(logits[-1], keys[0], temperature, top_k)
+    first = _sample(logits[-1], keys[0], temperature, top_k, top_p)
 
     def step(carry, step_key):
         state, previous = carry
         # One token takes the recurrent step: O(1) in the context length. Sampled ids are in range by construction.
         reset = None if eod_id is None else (previous == eod_id)[None]
         logits, state = model(previous[None], state, reset=reset, kernel="recurrent", check_token_ids=False)
-        token = _sample(logits[0], step_key, temperature, top_k)
+        token = _sample(logits[0], step_key, temperature, top_k, top_p)
         return (state, token), token
 
     # num_tokens - 1 steps: the first token came from the prefill logits, and no forward is spent after the last.
@@ -132,11 +152,13 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     eod_id: int | None = None,
+    top_p: float | None = None,
 ) -> Int[Array, " num_tokens"]:
     """``num_tokens`` token ids (int32) continuing ``prompt`` (a 1-D array of ids, at least one).
 
     Each token is drawn with ``jax.random.categorical`` from ``logits / temperature``, restricted to the
-    ``top_k`` most likely ids when given; ``temperature=0`` is greedy (argmax; ``key`` and ``top_k`` unused).
+    ``top_k`` most likely ids and then to the nucleus of probability ``top_p`` when given; ``temperature=0`` is
+    greedy (argmax; ``key``, ``top_k`` and ``top_p`` unused).
     The same ``key`` gives the same tokens. The prompt is prefilled in one forward call and every new token is
     one recurrent step in a single ``lax.scan``. Traceable: under ``jit`` keep ``num_tokens``, ``temperature``,
     ``top_k`` and ``eod_id`` static (``generate_jit`` does that for you).
@@ -145,8 +167,8 @@ def generate(
     before it is written, so text after an EOD starts a fresh document as in training (each training document's
     inputs start with EOD on an empty memory). Without it the memory runs on across document breaks.
     """
-    check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id)
-    return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id)
+    check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
+    return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p)
 
 
 _generate_compiled = eqx.filter_jit(_generate)  # arrays traced; num_tokens, temperature, top_k, eod_id static
@@ -161,11 +183,13 @@ def generate_jit(
     temperature: float = 1.0,
     top_k: int | None = None,
     eod_id: int | None = None,
+    top_p: float | None = None,
 ) -> Int[Array, " num_tokens"]:
     """:func:`generate`, compiled: arguments are checked eagerly, then one jitted call does the prefill and the
     scan. Recompiles for a new prompt length, ``num_tokens``, ``temperature``, ``top_k`` or ``eod_id``."""
-    check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id)
-    return _generate_compiled(model, prompt, num_tokens, key, float(temperature), top_k, eod_id)
+    check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
+    top_p = None if top_p is None else float(top_p)
+    return _generate_compiled(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p)
 
 
 def sample_text(
