@@ -87,14 +87,12 @@ def checkpoint_hook(checkpointer: Any, config: CheckpointConfig, meta: Callable[
     """Saves through ``checkpointer`` every ``every_n_steps`` steps, after each validation (with its metrics,
     so the best can be kept) and at the end of a run that did not stop on NaN. Never saves a non-finite step.
     A ``monitor`` missing from the validation metrics is an error naming the metrics that exist."""
-    saved: set[int] = set()
 
     def save(event: Event, metrics: Mapping[str, Any] | None = None) -> None:
-        scalars = None if metrics is None else {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        if event.step in saved or event.step == checkpointer.latest_step():  # e.g. re-running a finished run
+        if event.step == checkpointer.latest_step():  # already saved (e.g. at its validation, or a finished run)
             return
-        if checkpointer.save(event.step, event.state, meta=meta(event), metrics=scalars):
-            saved.add(event.step)
+        scalars = None if metrics is None else {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        checkpointer.save(event.step, event.state, meta=meta(event), metrics=scalars)
 
     def hook(event: Event) -> None:
         if event.kind == "step" and not event.nonfinite and config.every_n_steps > 0:

@@ -128,12 +128,12 @@ def train_job(
 
             model = eqx.combine(result.state.params, static)
             summary["sample"] = sample_text(model, tokenizer, sample_prompt, sample_tokens, key=jax.random.key(1))
+        if "jsonl" in config.log.writers and jax.process_index() == 0:  # rows are on disk as soon as written
+            from ..io.plot import plot_loss_curve
+
+            summary["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.jsonl", logger.tensorboard_dir / "loss.png"))
         return summary
     finally:
         if checkpointer is not None:
             checkpointer.close()
         logger.finalize(status, {k: v for k, v in summary.items() if k != "sample"})
-        if status != "error" and "jsonl" in config.log.writers and jax.process_index() == 0:
-            from ..io.plot import plot_loss_curve
-
-            summary["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.jsonl", logger.tensorboard_dir / "loss.png"))

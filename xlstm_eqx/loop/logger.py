@@ -52,8 +52,8 @@ class _RankFilter(logging.Filter):
 
 class RunLogger:
     """Writes metric rows (``write``), the config (``log_config``), text (``info``/``warning``) and the final
-    status (``finalize``) of one run. The text log receives every record of the ``xlstm_eqx`` loggers (INFO and
-    up on process 0, ERROR and up elsewhere) while the run is open."""
+    status (``finalize``) of one run. On process 0 the text log receives every INFO-and-up record of the
+    ``xlstm_eqx`` loggers while the run is open; other processes write nothing."""
 
     def __init__(self, run_dir: str | Path, config: LogConfig = LogConfig(), *, process_index: int = 0):
         self.run_dir = Path(run_dir)
@@ -73,7 +73,7 @@ class RunLogger:
             raise LogPathError(f"cannot open the text log {path}: {error.strerror or error}") from error
         self._handler.setFormatter(logging.Formatter(TEXT_FORMAT))
         self._handler.addFilter(_RankFilter(process_index))
-        self._handler.setLevel(logging.INFO if self.is_main else logging.ERROR)
+        self._handler.setLevel(logging.INFO)
         package = logging.getLogger(PACKAGE_LOGGER)
         package.addHandler(self._handler)
         if package.level == logging.NOTSET or package.level > logging.INFO:
