@@ -11,6 +11,7 @@ from lm_eval.tasks import TaskManager
 from xlstm_eqx.config import ModelConfig
 from xlstm_eqx.data.tokenizer import Tokenizer
 from xlstm_eqx.eval.lm_adapter import XlstmEqxLM
+from xlstm_eqx.eval.scoring import ScoringSettings
 from xlstm_eqx.eval.tasks import BUNDLED_TASKS, bundled_task_dir
 from xlstm_eqx.models import build
 from xlstm_eqx.models.generate import generate_jit
@@ -20,7 +21,7 @@ from xlstm_eqx.models.generate import generate_jit
 def lm():
     model = build(ModelConfig(vocab_size=4096, embedding_dim=32, num_blocks=1, num_heads=2, chunk_size=16),
                   key=jax.random.key(0))  # fmt: skip
-    return XlstmEqxLM(model, Tokenizer.load(), context_length=64, batch_size=4, infinite_eval_chunksize=16)
+    return XlstmEqxLM(model, Tokenizer.load(), ScoringSettings(window=64, batch_size=4, chunk_size=16))
 
 
 def request(kind, *args):

@@ -1,58 +1,88 @@
 """An LM Evaluation Harness ``LM`` over an xlstm_eqx model and tokenizer.
 
-``loglikelihood``: (log p(continuation | context), is_greedy), batched and sorted by length (lm-eval's
-``TemplateLM`` splits context and continuation after tokenising the whole string, so BPE merges across the
-border are handled). ``loglikelihood_rolling``: a whole document, either recurrently over chunks of
-``infinite_eval_chunksize`` with the state carried (``use_infinite_eval``: every token sees the whole document)
-or in disjoint windows of ``context_length`` whose context tokens are never scored. ``generate_until``: prefill
+``loglikelihood``: (log p(continuation | context), is_greedy), scored by the sharded :class:`.scoring.Scorer`
+(lm-eval's ``TemplateLM`` tokenises context + continuation together and splits them, so BPE merges across the
+border are handled). With ``use_infinite_eval`` every request is one row evaluated recurrently in chunks of
+``infinite_eval_chunksize`` (no context limit); otherwise rows of at most ``context_length`` inputs whose context
+tokens are never scored. ``loglikelihood_rolling``: a whole document the same way. ``generate_until``: prefill
 plus recurrent decoding, greedy or sampled (``temperature``, ``top_k``, ``top_p`` from the request's
 gen_kwargs), cut at the first ``until`` string and at ``max_gen_toks``. Every context starts with the
-end-of-document token, as every training document does.
+end-of-document token, as every training document does. Chat templates are Jinja strings over the messages.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
 from lm_eval.api.model import TemplateLM
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..data.tokenizer import Tokenizer, check_fits_model
 from ..models.generate import generate_jit
-from .scoring import score_continuations, score_document
+from .scoring import Scorer, ScoringSettings
+
+# Role-tagged plain text: the bundled model was not chat-tuned, so any template is only a prompt format.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | upper }}: {{ message['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 class XlstmEqxLM(TemplateLM):
-    """``model`` (an :class:`~xlstm_eqx.models.lm.xLSTMLM`) and ``tokenizer`` as an lm-eval model."""
+    """``model`` (an :class:`~xlstm_eqx.models.lm.xLSTMLM`, its arrays sharded over ``mesh`` by the scorer)
+    and ``tokenizer`` as an lm-eval model. ``token_loglikelihoods`` collects, per task, the Σ log-likelihood and
+    token count of the rolling requests, from which :mod:`.lm_eval_run` derives token perplexities."""
 
     def __init__(
         self,
         model: Any,
         tokenizer: Tokenizer,
+        settings: ScoringSettings = ScoringSettings(),
         *,
-        context_length: int = 2048,
-        batch_size: int = 8,
+        mesh: Mesh | None = None,
+        fsdp_min_weight_size: int = 2**18,
         use_infinite_eval: bool = True,
-        infinite_eval_chunksize: int = 64,
         max_gen_toks: int = 256,
         seed: int = 0,
+        chat_template: str | None = None,
+        tokenizer_name: str = "xlstm_eqx",
     ):
         super().__init__()
         check_fits_model(tokenizer, model.config.vocab_size)
-        sizes = {"context_length": context_length, "batch_size": batch_size,
-                 "infinite_eval_chunksize": infinite_eval_chunksize, "max_gen_toks": max_gen_toks}  # fmt: skip
-        for name, value in sizes.items():
-            if value < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {value}")
+        if max_gen_toks < 1:
+            raise ValueError(f"max_gen_toks must be ≥ 1, got {max_gen_toks}")
+        self.scorer = Scorer(model, settings, mesh, fsdp_min_weight_size)
         self.model, self.xlstm_tokenizer = model, tokenizer
-        self.context_length, self._batch_size = context_length, batch_size
-        self.use_infinite_eval, self.chunk_size = use_infinite_eval, infinite_eval_chunksize
-        self.max_gen_toks, self._key = max_gen_toks, jax.random.key(seed)
+        self.use_infinite_eval, self.max_gen_toks, self._key = use_infinite_eval, max_gen_toks, jax.random.key(seed)
+        self._chat_template, self._tokenizer_name = chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer_name
+        self.token_loglikelihoods: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
 
     @property
     def eot_token_id(self) -> int:
         return self.xlstm_tokenizer.eod_id
+
+    @property
+    def context_length(self) -> int:
+        return self.scorer.settings.window
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self._tokenizer_name
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The Jinja template in use (lm-eval records it; a string ``chat_template`` replaces ours)."""
+        if isinstance(chat_template, str):
+            self._chat_template = chat_template
+        return self._chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment().from_string(self._chat_template)
+        return template.render(messages=chat_history, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         del add_special_tokens, kwargs
@@ -68,25 +98,18 @@ class XlstmEqxLM(TemplateLM):
         self, requests: list, disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
         pairs = [(self._with_eod(list(context)), list(continuation)) for _, context, continuation in requests]
-        return score_continuations(self.model, pairs, context_length=self.context_length, batch_size=self._batch_size)
+        return self.scorer.score(pairs, recurrent=self.use_infinite_eval)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
-        out = []
-        for request in requests:
-            tokens = self.tok_encode(request.args[0])
-            if not tokens:
-                out.append(0.0)
-            elif self.use_infinite_eval:
-                out.append(score_document(self.model, tokens, eod_id=self.eot_token_id, chunk_size=self.chunk_size)[0])
-            else:
-                rolling = get_rolling_token_windows(
-                    tokens, prefix_token=self.eot_token_id, max_seq_len=self.context_length, context_len=1
-                )
-                windows = [make_disjoint_window(window) for window in rolling]
-                scores = score_continuations(
-                    self.model, windows, context_length=self.context_length, batch_size=self._batch_size
-                )
-                out.append(sum(value for value, _ in scores))
+        documents = [self.tok_encode(request.args[0]) for request in requests]
+        scored = [i for i, tokens in enumerate(documents) if tokens]
+        values = self.scorer.score([([self.eot_token_id], documents[i]) for i in scored], self.use_infinite_eval)
+        out = [0.0] * len(requests)
+        for i, (value, _) in zip(scored, values):
+            out[i] = value
+            totals = self.token_loglikelihoods[getattr(requests[i], "task_name", None) or "unknown"]
+            totals[0] += value
+            totals[1] += len(documents[i])
         return out
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
@@ -102,11 +125,12 @@ class XlstmEqxLM(TemplateLM):
             top_k, top_p = gen_kwargs.pop("top_k", None), gen_kwargs.pop("top_p", None)
             if gen_kwargs:  # refuse rather than silently ignore a sampling setting
                 raise ValueError(f"generate_until: unsupported gen_kwargs {sorted(gen_kwargs)} in request {index}")
-            prompt = self._with_eod(self.tok_encode(context))[-self.context_length :]
+            prompt = self._with_eod(self.tok_encode(context))
+            if not self.use_infinite_eval:  # the recurrent prefill takes any length; windows do not
+                prompt = prompt[-self.context_length :]
             tokens = generate_jit(
-                self.model, jax.numpy.asarray(prompt, jax.numpy.int32), max_tokens,
-                key=jax.random.fold_in(self._key, index), temperature=temperature, top_k=top_k, top_p=top_p,
-                eod_id=self.eot_token_id,
+                self.model, jnp.asarray(prompt, jnp.int32), max_tokens, key=jax.random.fold_in(self._key, index),
+                temperature=temperature, top_k=top_k, top_p=top_p, eod_id=self.eot_token_id,
             )  # fmt: skip
             tokens = [int(t) for t in jax.device_get(tokens)]
             if self.eot_token_id in tokens:

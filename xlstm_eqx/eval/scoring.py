@@ -1,110 +1,158 @@
-"""Token-level scoring for the LM Evaluation Harness adapter: continuation log-likelihoods (batched, padded,
-sorted by length) and whole-document log-likelihoods, in fixed windows or recurrently over chunks.
+"""Sharded log-likelihood scoring of token requests, for the LM Evaluation Harness adapter.
 
-Every function takes plain token lists and an :class:`~xlstm_eqx.models.lm.xLSTMLM`; the model runs on one
-device (the harness hands over requests one process at a time).
+Requests become rows (:mod:`.rows`), rows become padded batches placed on the mesh (rows over data × fsdp), and
+each batch goes through the trainer's own pure step functions with a per-row measure:
+:func:`~xlstm_eqx.train.make_eval_step` for fixed windows, or
+:func:`~xlstm_eqx.train.recurrent_eval.make_recurrent_eval_step` (chunks of ``chunk_size`` with the recurrent
+state carried) for whole documents. Per-row log-likelihood and correct-token counts come back as per-example
+metrics (``single_noreduce_wcount``), are concatenated on the host once per batch, and are fused per document.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import equinox as eqx
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array, Float
+
+from ..config.train import TrainConfig
+from ..data.batch import Batch, document_starts
+from ..data.loader import BatchIterator
+from ..parallel import batch_parallel_size, batch_spec, named, parameter_specs
+from ..train.loss import lm_forward
+from ..train.metrics import Measured
+from ..train.metrics_host import aggregate_host, to_host
+from ..train.recurrent_eval import make_recurrent_eval_step
+from ..train.state import TrainState, split_model
+from ..train.steps import make_eval_step
+from .fusion import fuse_document_results
+from .rows import Row, RowBatches, whole_row, window_rows
+
+ROW_MODES = {"loglikelihood": ("single_noreduce_wcount",), "accuracies": ("single_noreduce_wcount",)}
 
 
-@eqx.filter_jit
-def _row_scores(
-    model: eqx.Module, inputs: Int[Array, "b t"], targets: Int[Array, "b t"], scored: Bool[Array, "b t"]
-) -> tuple[Float[Array, " b"], Bool[Array, " b"]]:
-    """Σ log p(target) over the scored positions of each row, and whether every scored target is the argmax."""
-    logits = jax.vmap(lambda row: model(row, check_token_ids=False)[0])(inputs).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(logits, axis=-1).astype(targets.dtype) == targets
-    return jnp.sum(jnp.where(scored, picked, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
+def row_measurements(logits: Float[Array, "batch t vocab"], batch: Batch) -> dict[str, Measured]:
+    """Per row: Σ log p(target) over the scored targets, and the number of scored targets that were the argmax,
+    each with the row's scored-target count."""
+    mask = batch.loss_mask.astype(jnp.float32)
+    log_likelihood = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch.targets)
+    correct = (jnp.argmax(logits, axis=-1).astype(batch.targets.dtype) == batch.targets).astype(jnp.float32)
+    count = jnp.sum(mask, axis=-1)
+    return {
+        "loglikelihood": Measured(jnp.sum(log_likelihood * mask, axis=-1), count),
+        "accuracies": Measured(jnp.sum(correct * mask, axis=-1), count),
+    }
 
 
-def _bucket(length: int, limit: int) -> int:
-    """Padded length: the next power of two (≥ 16), capped at ``limit``; few shapes, few compilations."""
-    return min(max(16, 1 << (length - 1).bit_length()), limit)
+def row_measure(model: eqx.Module, batch: Batch, key: Any, *, z_loss: float = 0.0, tp_axis: str | None = None):
+    """:func:`row_measurements` as a loss function of the step builders (``key`` and ``z_loss`` unused)."""
+    del key, z_loss
+    logits, _ = lm_forward(model, batch.inputs, document_starts(batch.segment_ids), tp_axis=tp_axis)
+    measured = row_measurements(logits, batch)
+    return -jnp.sum(measured["loglikelihood"].value), measured
 
 
-def score_continuations(
-    model: eqx.Module,
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-    *,
-    context_length: int,
-    batch_size: int,
-) -> list[tuple[float, bool]]:
-    """(log p(continuation | context), is_greedy) for each (context tokens, continuation tokens) pair.
+@dataclasses.dataclass(frozen=True)
+class ScoringSettings:
+    """``window`` inputs per row on the fixed path; ``chunk_size`` on the recurrent one; ``batch_size`` rows per
+    batch (a multiple of the mesh's data × fsdp); grain ``worker_count`` processes build batches
+    (``worker_buffer_size`` ahead each); ``debug`` scales log-likelihoods by 1e-4 (finite perplexities from a
+    random model)."""
 
-    Inputs are ``context + continuation[:-1]``; only the continuation's positions are scored. A pair longer than
-    ``context_length`` inputs keeps its last ``context_length`` (the oldest context is dropped); a continuation
-    that alone exceeds the window is an error (score it with :func:`score_document`). Requests run longest
-    first in batches of ``batch_size``, right-padded (causal: padding never changes earlier positions).
-    """
-    rows = []
-    for index, (context, continuation) in enumerate(pairs):
-        if not continuation:
-            raise ValueError(f"request {index}: empty continuation (nothing to score)")
-        if not context:
-            raise ValueError(f"request {index}: empty context; start it with the end-of-document token")
-        if len(continuation) > context_length:
-            raise ValueError(
-                f"request {index}: continuation of {len(continuation)} tokens exceeds context_length={context_length}"
-            )
-        tokens = (list(context) + list(continuation))[-(context_length + 1) :]
-        rows.append((index, tokens, len(continuation)))
-    rows.sort(key=lambda row: -len(row[1]))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        length = _bucket(max(len(tokens) - 1 for _, tokens, _ in chunk), context_length)
-        inputs = np.zeros((batch_size, length), np.int32)
-        targets = np.zeros((batch_size, length), np.int32)
-        scored = np.zeros((batch_size, length), bool)
-        for r, (_, tokens, n) in enumerate(chunk):
-            t = len(tokens) - 1
-            inputs[r, :t], targets[r, :t] = tokens[:-1], tokens[1:]
-            scored[r, t - n : t] = True
-        sums, greedy = jax.device_get(
-            _row_scores(model, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(scored))
+    window: int = 2048
+    chunk_size: int = 64
+    batch_size: int = 8
+    worker_count: int = 0
+    worker_buffer_size: int = 1
+    debug: bool = False
+
+
+class Scorer:
+    """Scores token requests with ``model`` on ``mesh`` (default: one device), sharded like training."""
+
+    def __init__(
+        self, model: eqx.Module, settings: ScoringSettings, mesh: Mesh | None = None, fsdp_min_weight_size: int = 2**18
+    ):
+        for name in ("window", "chunk_size", "batch_size", "worker_buffer_size"):
+            if getattr(settings, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(settings, name)}")
+        if settings.worker_count < 0:
+            raise ValueError(f"worker_count must be ≥ 0, got {settings.worker_count}")
+        if mesh is None:
+            from ..config.mesh import MeshConfig
+            from ..parallel import make_mesh
+
+            mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+        parallel = batch_parallel_size(mesh)
+        if settings.batch_size % parallel:
+            raise ValueError(f"batch_size {settings.batch_size} is not divisible by the mesh's data×fsdp = {parallel}")
+        params, static = split_model(model)
+        params = jax.device_put(params, named(mesh, parameter_specs(params, mesh, fsdp_min_weight_size)))
+        self.settings, self.mesh = settings, mesh
+        self.state = TrainState(jnp.zeros((), jnp.int32), params, (), jax.random.key(0))
+        self.sharding = NamedSharding(mesh, batch_spec(2))
+        self.fixed_step = make_eval_step(
+            static, mesh, TrainConfig(), loss_fn=row_measure, modes=ROW_MODES, fsdp_min_weight_size=fsdp_min_weight_size
         )
-        for r, (index, _, _) in enumerate(chunk):
-            out[index] = (float(sums[r]), bool(greedy[r]))
-    return out
+        self.recurrent_step = make_recurrent_eval_step(
+            static, mesh, TrainConfig(), chunk_size=settings.chunk_size, fsdp_min_weight_size=fsdp_min_weight_size,
+            measure=row_measurements, modes=ROW_MODES,
+        )  # fmt: skip
+
+    def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], recurrent: bool) -> list[tuple[float, bool]]:
+        """(Σ log p(continuation | context), is_greedy) per (context, continuation) token pair, in request order.
+
+        ``recurrent``: each request is one row of any length scored in chunks with the state carried; else rows
+        of at most ``window`` inputs (:func:`~.rows.window_rows`).
+        """
+        rows: list[Row] = []
+        for index, (context, continuation) in enumerate(requests):
+            tokens = [*context, *continuation]
+            if recurrent:
+                rows.append(whole_row(tokens, len(context), index + 1))
+            else:
+                rows.extend(window_rows(tokens, len(context), self.settings.window, index + 1))
+        if not rows:
+            return []
+        settings = self.settings
+        source = RowBatches(rows, settings.batch_size, "multiple" if recurrent else "power_of_two",
+                            settings.chunk_size if recurrent else settings.window)  # fmt: skip
+        step = self.recurrent_step if recurrent else self.fixed_step
+        results = _run(step, self.state, self._batches(source))
+        fused = fuse_document_results(results)
+        if len(fused) != len(requests):
+            raise RuntimeError(f"scored {len(fused)} documents for {len(requests)} requests")
+        scale = 1e-4 if settings.debug else 1.0
+        return [(value * scale, greedy) for value, greedy in fused]
+
+    def _batches(self, source: RowBatches) -> Iterable[Any]:
+        dataset = grain.MapDataset.source(source).to_iter_dataset()
+        if self.settings.worker_count > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # google/grain#1355: workers read an absl flag
+                flags.FLAGS.mark_as_parsed()
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.settings.worker_count, per_worker_buffer_size=self.settings.worker_buffer_size
+                )
+            )
+        return BatchIterator(dataset, indexed=True, sharding=self.sharding)
 
 
-@eqx.filter_jit
-def _chunk_scores(
-    model: eqx.Module, inputs: Int[Array, " c"], targets: Int[Array, " c"], scored: Bool[Array, " c"], state
-) -> tuple[Float[Array, ""], Bool[Array, ""], object]:
-    logits, state = model(inputs, state, check_token_ids=False)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
-    greedy = jnp.argmax(logits, axis=-1).astype(targets.dtype) == targets
-    return jnp.sum(jnp.where(scored, picked, 0.0)), jnp.all(greedy | ~scored), state
-
-
-def score_document(model: eqx.Module, tokens: Sequence[int], *, eod_id: int, chunk_size: int) -> tuple[float, bool]:
-    """(log p(tokens), is_greedy) of a whole document of any length, recurrently: inputs ``EOD t1 … t(n-1)``
-    go through the model in chunks of ``chunk_size`` with the recurrent state carried, so every token is
-    conditioned on everything before it (the last chunk is padded and the padding is not scored)."""
-    if not tokens:
-        raise ValueError("empty document (nothing to score)")
-    inputs, targets = [eod_id, *tokens[:-1]], list(tokens)
-    state, total, greedy = model.init_state(), 0.0, True
-    for start in range(0, len(inputs), chunk_size):
-        n = min(chunk_size, len(inputs) - start)
-        pad = chunk_size - n
-        chunk_in = jnp.asarray(inputs[start : start + n] + [0] * pad, jnp.int32)
-        chunk_target = jnp.asarray(targets[start : start + n] + [0] * pad, jnp.int32)
-        scored = jnp.arange(chunk_size) < n
-        value, is_greedy, state = _chunk_scores(model, chunk_in, chunk_target, scored, state)
-        total += float(value)
-        greedy = greedy and bool(is_greedy)
-    return total, greedy
+def _run(step: Any, state: TrainState, batches: Iterable[Any]) -> dict[str, Any]:
+    """Per-row results of every batch, concatenated on the host, with each row's document index."""
+    aggregated, documents = None, []
+    for indexed in batches:
+        metrics = step(state, indexed.batch, None)
+        aggregated = aggregate_host(aggregated, to_host(metrics), ROW_MODES)
+        documents.append(np.asarray(jax.device_get(indexed.document_index)))
+    return {**(aggregated or {}), "document_idx_single_noreduce": np.concatenate(documents)}

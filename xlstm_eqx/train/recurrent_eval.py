@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -23,11 +23,23 @@ from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
 from ..parallel import BATCH_AXES, TP_AXIS, parameter_specs
 from .loss import lm_forward, lm_measurements
-from .metrics import accumulate, merge_metrics, reduce_measured
+from .metrics import LastArrayAcc, Measured, Metrics, ModesSpec, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
 EVAL_MODES = ("mean_nopostfix",)
+ChunkMeasure = Callable[[Any, Batch], Mapping[str, Measured]]  # (logits (rows, chunk, vocab), chunk) -> measured
+
+
+def _sum_chunks(old: Metrics, new: Metrics) -> Metrics:
+    """Folds one chunk into the batch's metrics: per-example (noreduce) values and counts are summed row by row,
+    so a row's value covers the whole row, as in one full-length ``eval_step``; other modes merge as usual."""
+    summed = {
+        key: LastArrayAcc(old[key].value + acc.value, old[key].count + acc.count, with_count=acc.with_count)
+        for key, acc in new.items()
+        if isinstance(acc, LastArrayAcc)
+    }
+    return {**merge_metrics(old, new), **summed}
 
 
 def _state_spec(mesh: Mesh) -> Any:
@@ -45,12 +57,15 @@ def make_recurrent_eval_step(
     *,
     chunk_size: int,
     fsdp_min_weight_size: int = 2**18,
+    measure: ChunkMeasure | None = None,
+    modes: ModesSpec = EVAL_MODES,
 ) -> Callable[[TrainState, Batch, Any], Any]:
     """``recurrent_eval_step(state, batch, metrics) -> metrics`` for rows of any length.
 
     Not jitted itself (a Python loop over chunks); each chunk runs one jitted ``shard_map`` step that takes and
     returns the model's recurrent state, donated between chunks. Equals :func:`make_eval_step` on the same batch
-    up to rounding.
+    up to rounding. ``measure(logits, chunk)`` (default: loss and accuracy) gives each chunk's ``Measured``
+    values, logged with ``modes``; per-example values must be sums (they are added across a row's chunks).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
@@ -60,8 +75,8 @@ def make_recurrent_eval_step(
     def local_chunk(params, model_state, chunk, resets, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
         logits, model_state = lm_forward(model, chunk.inputs, resets, model_state, tp_axis=tp_axis)
-        _, measured = lm_measurements(logits, chunk, config.z_loss)
-        return model_state, reduce_measured(measured, EVAL_MODES, BATCH_AXES)
+        measured = lm_measurements(logits, chunk, config.z_loss)[1] if measure is None else measure(logits, chunk)
+        return model_state, reduce_measured(measured, modes, BATCH_AXES)
 
     @functools.partial(jax.jit, donate_argnums=(1,))
     def chunk_step(params, model_state, chunk, resets):
@@ -83,14 +98,14 @@ def make_recurrent_eval_step(
         if pad:  # padded columns are unscored (mask False) and come after every real token
             batch = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, pad))), batch)
             resets = jnp.pad(resets, ((0, 0), (0, pad)))
-        model_state = _zero_state(static, rows, mesh, state_spec)
+        model_state, batch_metrics = _zero_state(static, rows, mesh, state_spec), None
         for i in range(n_chunks):
             cut = slice(i * chunk_size, (i + 1) * chunk_size)
             chunk = jax.tree.map(lambda x, cut=cut: x[:, cut], batch)
             model_state, measured = chunk_step(state.params, model_state, chunk, resets[:, cut])
-            new = accumulate(measured, EVAL_MODES)
-            metrics = new if metrics is None else merge_metrics(metrics, new)
-        return metrics
+            new = accumulate(measured, modes)
+            batch_metrics = new if batch_metrics is None else _sum_chunks(batch_metrics, new)
+        return batch_metrics if metrics is None else merge_metrics(metrics, batch_metrics)
 
     return recurrent_eval_step
 
