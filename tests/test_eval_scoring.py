@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlstm_eqx.config import ModelConfig
-from xlstm_eqx.config import MeshConfig
+from xlstm_eqx.config import MeshConfig, ModelConfig
 from xlstm_eqx.eval.rows import window_rows
 from xlstm_eqx.eval.scoring import Scorer, ScoringSettings
 from xlstm_eqx.models import build

@@ -40,7 +40,7 @@ class XlstmEqxLM(TemplateLM):
         self,
         model: Any,
         tokenizer: Tokenizer,
-        settings: ScoringSettings = ScoringSettings(),
+        settings: ScoringSettings | None = None,
         *,
         mesh: Mesh | None = None,
         fsdp_min_weight_size: int = 2**18,
@@ -54,7 +54,7 @@ class XlstmEqxLM(TemplateLM):
         check_fits_model(tokenizer, model.config.vocab_size)
         if max_gen_toks < 1:
             raise ValueError(f"max_gen_toks must be ≥ 1, got {max_gen_toks}")
-        self.scorer = Scorer(model, settings, mesh, fsdp_min_weight_size)
+        self.scorer = Scorer(model, settings or ScoringSettings(), mesh, fsdp_min_weight_size)
         self.model, self.xlstm_tokenizer = model, tokenizer
         self.use_infinite_eval, self.max_gen_toks, self._key = use_infinite_eval, max_gen_toks, jax.random.key(seed)
         self._chat_template, self._tokenizer_name = chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer_name

@@ -107,7 +107,9 @@ class Scorer:
             measure=row_measurements, modes=ROW_MODES,
         )  # fmt: skip
 
-    def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], recurrent: bool) -> list[tuple[float, bool]]:
+    def score(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], recurrent: bool
+    ) -> list[tuple[float, bool]]:
         """(Σ log p(continuation | context), is_greedy) per (context, continuation) token pair, in request order.
 
         ``recurrent``: each request is one row of any length scored in chunks with the state carried; else rows
