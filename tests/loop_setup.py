@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_eqx.config import ModelConfig
+from xlstm_eqx.config import ModelConfig, load_config
 from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.config.optim import OptimConfig
 from xlstm_eqx.config.train import TrainConfig
@@ -66,3 +66,18 @@ def setup(mesh_config=MeshConfig(data=1), train_config=TrainConfig(), total_step
 
 def params_numpy(state) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+def job_config(corpus, run_dir, *overrides):
+    return load_config(
+        "configs/shakespeare.yaml",
+        [
+            "model.embedding_dim=32", "model.num_blocks=1", "model.num_heads=2", "model.chunk_size=16",
+            "data.corpus=files", f"data.train_files=[{corpus}/train_a.txt,{corpus}/train_b.txt,{corpus}/train_c.txt]",
+            f"data.validation_files=[{corpus}/val.txt]", f"data.test_files=[{corpus}/test.txt]",
+            "data.seq_len=32", "data.global_batch_size=8", "optim.warmup_steps=2", "optim.decay_steps=8",
+            "loop.num_train_steps=12", "loop.steps_per_epoch=6", "loop.check_val_every_n_steps=4",
+            "loop.enable_progress_bar=false", "log.log_every_n_steps=2", "checkpoint.every_n_steps=5",
+            f"log.run_dir={run_dir}", *overrides,
+        ],
+    )  # fmt: skip

@@ -7,43 +7,16 @@ import math
 import jax
 import numpy as np
 import pytest
-from loop_setup import MODEL, Stream, eval_set, setup
+from loop_setup import MODEL, Stream, eval_set, job_config, setup
 
-from xlstm_eqx.config import Config, ConfigError, load_config, to_dict
+from xlstm_eqx.config import Config, ConfigError, to_dict
 from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.config.run import CheckpointConfig, LoopConfig
-from xlstm_eqx.data.corpus import default_corpus
 from xlstm_eqx.io.checkpoint import Checkpointer
 from xlstm_eqx.loop import LogPathError, checkpoint_hook, evaluate, fit
 from xlstm_eqx.loop.job import train_job
 from xlstm_eqx.loop.restore import load_from_checkpoint, load_pretrained
 from xlstm_eqx.train.optim import optimizer_step_count
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Slices of real plays: 3 train files, 1 validation, 1 test (small enough to train on in seconds)."""
-    root = tmp_path_factory.mktemp("corpus")
-    works = default_corpus("train")[:3] + default_corpus("validation")[:1] + default_corpus("test")[:1]
-    names = ["train_a", "train_b", "train_c", "val", "test"]
-    for name, path in zip(names, works):
-        (root / f"{name}.txt").write_text(path.read_text()[: 12_000 if name.startswith("train") else 3_000])
-    return root
-
-
-def job_config(corpus, run_dir, *overrides):
-    return load_config(
-        "configs/shakespeare.yaml",
-        [
-            "model.embedding_dim=32", "model.num_blocks=1", "model.num_heads=2", "model.chunk_size=16",
-            "data.corpus=files", f"data.train_files=[{corpus}/train_a.txt,{corpus}/train_b.txt,{corpus}/train_c.txt]",
-            f"data.validation_files=[{corpus}/val.txt]", f"data.test_files=[{corpus}/test.txt]",
-            "data.seq_len=32", "data.global_batch_size=8", "optim.warmup_steps=2", "optim.decay_steps=8",
-            "loop.num_train_steps=12", "loop.steps_per_epoch=6", "loop.check_val_every_n_steps=4",
-            "loop.enable_progress_bar=false", "log.log_every_n_steps=2", "checkpoint.every_n_steps=5",
-            f"log.run_dir={run_dir}", *overrides,
-        ],
-    )  # fmt: skip
 
 
 def test_job_trains_tests_on_the_best_checkpoint_and_leaves_artifacts(corpus, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .lm_eval import LMEvalConfig
 from .mesh import MeshConfig
 from .model import ModelConfig
 from .optim import OptimConfig
@@ -27,6 +28,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -41,6 +43,7 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "HooksConfig",
+    "LMEvalConfig",
     "LogConfig",
     "LoopConfig",
     "MeshConfig",

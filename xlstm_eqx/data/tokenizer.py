@@ -13,6 +13,8 @@ also used as BOS) and ``<pad>`` (id 1). Encoding adds no special tokens; the pip
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -104,6 +106,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, special tokens included (every id is < vocab_size)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the token → id table: equal exactly when two tokenizers map every token to the same id."""
+        table = json.dumps(self.backend.get_vocab(with_added_tokens=True), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(table.encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens are added."""

@@ -12,9 +12,11 @@ end-of-document token, as every training document does. Chat templates are Jinja
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -57,8 +59,37 @@ class XlstmEqxLM(TemplateLM):
         self.scorer = Scorer(model, settings or ScoringSettings(), mesh, fsdp_min_weight_size)
         self.model, self.xlstm_tokenizer = model, tokenizer
         self.use_infinite_eval, self.max_gen_toks, self._key = use_infinite_eval, max_gen_toks, jax.random.key(seed)
-        self._chat_template, self._tokenizer_name = chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer_name
+        self._own_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        self._chat_template, self._tokenizer_name = self._own_template, tokenizer_name
         self.token_loglikelihoods: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+
+    def set_params(self, params: Any) -> None:
+        """Evaluate these arrays (e.g. a later training state of the same model) with the compiled steps."""
+        self.scorer.set_params(params)
+        self.model = eqx.combine(params, eqx.filter(self.model, eqx.is_array, inverse=True))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> XlstmEqxLM:
+        """lm-eval's CLI entry: ``checkpoint=RUN_DIR[,step=latest|best|N][,tokenizer=FILE][,data=N,fsdp=N]
+        [,<LMEvalConfig field>=value…]`` (see :func:`~.lm_eval_run.lm_from_checkpoint`)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> XlstmEqxLM:
+        """As :meth:`create_from_arg_string`, from a dict; the CLI's ``--batch_size N`` applies when the model
+        args give none (``auto`` and ``device`` have no meaning here: JAX places the model on the mesh)."""
+        from .lm_eval_run import NO_FORK, lm_from_checkpoint
+
+        os.environ.update(NO_FORK)  # lm-eval's CLI process now runs JAX: its stderr bootstrap must not fork
+        args = dict(arg_dict)
+        if "checkpoint" not in args:
+            raise ValueError(f"--model_args needs checkpoint=RUN_DIR (got {sorted(args) or 'nothing'})")
+        batch = (additional_config or {}).get("batch_size")
+        if "batch_size" not in args and batch is not None and str(batch).isdigit():
+            args["batch_size"] = int(batch)
+        return lm_from_checkpoint(**args)
 
     @property
     def eot_token_id(self) -> int:
@@ -73,9 +104,10 @@ class XlstmEqxLM(TemplateLM):
         return self._tokenizer_name
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        """The Jinja template in use (lm-eval records it; a string ``chat_template`` replaces ours)."""
-        if isinstance(chat_template, str):
-            self._chat_template = chat_template
+        """Selects and returns the Jinja template ``apply_chat_template`` renders: a string is the template
+        itself, True the adapter's own (the constructor's, else :data:`DEFAULT_CHAT_TEMPLATE`)."""
+        if chat_template:
+            self._chat_template = chat_template if isinstance(chat_template, str) else self._own_template
         return self._chat_template if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

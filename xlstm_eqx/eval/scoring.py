@@ -95,9 +95,11 @@ class Scorer:
         if settings.batch_size % parallel:
             raise ValueError(f"batch_size {settings.batch_size} is not divisible by the mesh's data×fsdp = {parallel}")
         params, static = split_model(model)
-        params = jax.device_put(params, named(mesh, parameter_specs(params, mesh, fsdp_min_weight_size)))
+        self._shardings = named(mesh, parameter_specs(params, mesh, fsdp_min_weight_size))
         self.settings, self.mesh = settings, mesh
-        self.state = TrainState(jnp.zeros((), jnp.int32), params, (), jax.random.key(0))
+        self.state = TrainState(
+            jnp.zeros((), jnp.int32), jax.device_put(params, self._shardings), (), jax.random.key(0)
+        )
         self.sharding = NamedSharding(mesh, batch_spec(2))
         self.fixed_step = make_eval_step(
             static, mesh, TrainConfig(), loss_fn=row_measure, modes=ROW_MODES, fsdp_min_weight_size=fsdp_min_weight_size
@@ -106,6 +108,10 @@ class Scorer:
             static, mesh, TrainConfig(), chunk_size=settings.chunk_size, fsdp_min_weight_size=fsdp_min_weight_size,
             measure=row_measurements, modes=ROW_MODES,
         )  # fmt: skip
+
+    def set_params(self, params: Any) -> None:
+        """Score with these arrays (same shapes, e.g. a later training state) without recompiling."""
+        self.state = eqx.tree_at(lambda s: s.params, self.state, jax.device_put(params, self._shardings))
 
     def score(
         self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], recurrent: bool

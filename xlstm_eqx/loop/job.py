@@ -38,6 +38,36 @@ def _check_monitor(config: Config, has_validation: bool) -> None:
         )
 
 
+def _lm_eval_hook(config: Config, static: Any, mesh: Any, run_dir: Path, latest: dict[str, float]) -> Hook:
+    """lm-eval on the tested (and, if asked, validated) states; ``latest`` keeps the last results for the
+    summary. Checks the tasks and the tokenizer before training starts, not after it."""
+    from ..eval.lm_eval_run import lm_eval_hook, load_tokenizer, task_manager
+    from ..eval.tasks import check_task_names
+    from ..parallel import batch_parallel_size
+
+    check_task_names(config.lm_eval.evaluation_tasks, task_manager(config.lm_eval))
+    tokenizer = load_tokenizer(config.lm_eval, config.data.tokenizer)
+    check_fits_model(tokenizer, config.model.vocab_size)
+    batch_size = config.data.eval_batch_size or config.data.global_batch_size
+    if (config.lm_eval.batch_size or batch_size) % batch_parallel_size(mesh):
+        raise ConfigError(
+            "lm_eval.batch_size",
+            f"{config.lm_eval.batch_size or batch_size} rows do not split over data×fsdp = {batch_parallel_size(mesh)}",
+        )
+    hook = lm_eval_hook(
+        config.lm_eval, static, tokenizer, context_length=config.data.seq_len, batch_size=batch_size, mesh=mesh,
+        fsdp_min_weight_size=config.mesh.fsdp_min_weight_size, output_dir=run_dir / "lm_eval",
+    )  # fmt: skip
+
+    def recording(event: Event) -> Any:
+        actions = hook(event)
+        for action in actions or ():
+            latest.update(getattr(action, "metrics", {}))
+        return actions
+
+    return recording
+
+
 def train_job(
     config: Config, *, extra_hooks: Sequence[Hook] = (), sample_prompt: str = "", sample_tokens: int = 0
 ) -> dict[str, Any]:
@@ -51,6 +81,8 @@ def train_job(
         logger.log_config(config_dict)
         tokenizer = Tokenizer.load(config.data.tokenizer or DEFAULT_TOKENIZER)
         check_fits_model(tokenizer, config.model.vocab_size)
+        tokenizer_meta = {"path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size,
+                          "fingerprint": tokenizer.fingerprint}  # fmt: skip
         mesh = make_mesh(config.mesh)
         data = build_run_data(config.data, tokenizer, mesh)
         _check_monitor(config, data.validation is not None)
@@ -81,6 +113,7 @@ def train_job(
                 "total_steps": total,
                 "data_state": event.data_state,
                 "metrics": scalars,
+                "tokenizer": tokenizer_meta,
             }
 
         hooks: list[Hook] = [nan_stop()] if config.hooks.nan_stop else []
@@ -88,6 +121,9 @@ def train_job(
         hooks.append(profiler(logger.tensorboard_dir, config.hooks.profile_first_step, config.hooks.profile_num_steps))
         if checkpointer is not None:
             hooks.append(checkpoint_hook(checkpointer, config.checkpoint, meta))
+        lm_eval_metrics: dict[str, float] = {}
+        if config.lm_eval.evaluation_tasks:
+            hooks.append(_lm_eval_hook(config, static, mesh, run_dir, lm_eval_metrics))
         hooks.extend(extra_hooks)
 
         def restore_best(current):
@@ -119,6 +155,7 @@ def train_job(
             "test_perplexity": result.results.get("test", {}).get("perplexity"),
             "test_checkpoint_step": result.results.get("test", {}).get("checkpoint_step"),
         }
+        summary.update(lm_eval_metrics)
         if data.validation is not None:
             summary["unigram_val_perplexity"] = unigram_perplexity(
                 data.train_token_counts, data.validation(), config.model.vocab_size
