@@ -63,6 +63,7 @@ def test_the_job_scores_its_tested_checkpoint_and_logs_lmeval_metrics(run):
         (row,) = list(csv.DictReader(f))
     assert float(row["lmeval_shakespeare_cloze_acc"]) == summary["lmeval_shakespeare_cloze_acc"]
     assert "lmeval_shakespeare_cloze_acc" not in (run_dir / "metrics_val.csv").read_text()  # at_validation off
+    assert "lm-eval results:" in (run_dir / "output.log").read_text()
     (saved,) = (run_dir / "lm_eval").iterdir()
     assert saved.name == "test_step4"
     for task in ("shakespeare_cloze", "shakespeare_next_line", "shakespeare_ppl"):

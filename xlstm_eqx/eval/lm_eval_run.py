@@ -6,6 +6,7 @@ outputs saved with lm-eval's own ``EvaluationTracker``; a hook that runs it duri
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from .lm_adapter import XlstmEqxLM
 from .scoring import ScoringSettings
 from .tasks import bundled_task_dir, check_task_names
 
+LOGGER = logging.getLogger(__name__)
 # lm-eval bootstraps stderrs in a fork()ed multiprocessing pool unless this is set; forking a process that runs
 # JAX's threads can deadlock, so the resampling runs in-process.
 NO_FORK = {"DISABLE_MULTIPROC": "1"}
@@ -112,6 +114,7 @@ def run_lm_eval(lm: XlstmEqxLM, config: LMEvalConfig, *, output_dir: str | Path 
     """
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
+    from lm_eval.utils import make_table
 
     if not config.evaluation_tasks:
         raise ValueError("lm_eval.evaluation_tasks is empty: name at least one task or group")
@@ -123,13 +126,14 @@ def run_lm_eval(lm: XlstmEqxLM, config: LMEvalConfig, *, output_dir: str | Path 
     lm.chat_template(config.apply_chat_template)  # lm-eval asks for it only after evaluating
     with mock.patch.dict(os.environ, NO_FORK):
         evaluated = lm_eval.simple_evaluate(
-        model=lm, tasks=list(config.evaluation_tasks), task_manager=manager, num_fewshot=config.num_fewshot,
-        limit=config.limit_requests, cache_requests=config.cache_requests, write_out=config.write_out,
-        log_samples=config.write_out, system_instruction=config.system_instruction,
-        apply_chat_template=config.apply_chat_template, bootstrap_iters=config.bootstrap_iters,
-        random_seed=config.seed, numpy_random_seed=config.seed, fewshot_random_seed=config.seed,
+            model=lm, tasks=list(config.evaluation_tasks), task_manager=manager, num_fewshot=config.num_fewshot,
+            limit=config.limit_requests, cache_requests=config.cache_requests, write_out=config.write_out,
+            log_samples=config.write_out, system_instruction=config.system_instruction,
+            apply_chat_template=config.apply_chat_template, bootstrap_iters=config.bootstrap_iters,
+            random_seed=config.seed, numpy_random_seed=config.seed, fewshot_random_seed=config.seed,
         )  # fmt: skip
     results = {task: dict(values) for task, values in evaluated["results"].items()}
+    LOGGER.info("lm-eval results:\n%s", make_table(evaluated))
     metrics = flatten_results(results)
     for task, (total, tokens) in lm.token_loglikelihoods.items():
         if tokens and task in results:
