@@ -112,7 +112,10 @@ def test_recurrent_document_score_equals_full_sequence(model, chunk_size):
     assert greedy == expected_greedy
 
 
-@pytest.mark.parametrize("mesh_config", [MeshConfig(data=4), MeshConfig(data=2, fsdp=2, fsdp_min_weight_size=1)])
+@pytest.mark.parametrize(
+    "mesh_config",
+    [pytest.param(MeshConfig(data=4), marks=pytest.mark.slow), MeshConfig(data=2, fsdp=2, fsdp_min_weight_size=1)],
+)
 def test_sharded_scoring_equals_one_device(model, mesh_config):
     pairs = [([EOD, *random_tokens(i, 5 + 9 * i)], random_tokens(50 + i, 2 + 3 * i)) for i in range(6)]
     for recurrent in (False, True):

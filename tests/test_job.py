@@ -110,6 +110,7 @@ def test_unwritable_run_directory(corpus, tmp_path):
         train_job(job_config(corpus, blocker / "run"))
 
 
+@pytest.mark.slow  # the sharded step itself is checked against one device in test_train_step; this is the whole job
 def test_sharded_job_equals_single_device_job(corpus, tmp_path):
     # SGD: float32 Adam amplifies reduction-order rounding step after step; SGD keeps it at rounding level.
     common = ["optim.name=sgd", "optim.momentum=0.9", "optim.weight_decay=0.0", "optim.learning_rate=0.3",
