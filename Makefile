@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: train test test-slow bench lint
+.PHONY: train test test-slow bench bench-compare lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,24 @@ bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/model.py
 	$(PY) benchmarks/step.py
+
+# PyTorch peer side by side (benchmarks/compare.py) in its own venv: `xlstm` must stay out of .venv (transformers'
+# xLSTM delegates to it when importable, which breaks the parity tests). xlstm 2.0.6 + mlstm_kernels 2.0.6 install
+# as-is here (no triton needed for the native torch kernels); torch==2.13.0 resolves to the local CPU wheel.
+# Arguments: make bench-compare COMPARE_ARGS='--configs A --precisions fp32 bf16 --steps 5'
+PEER_VENV  ?= .venv-peer
+PEER_PY    := $(PEER_VENV)/bin/python
+PEER_STAMP := $(PEER_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+COMPARE_ARGS ?=
+
+$(PEER_STAMP): pyproject.toml
+	test -x $(PEER_PY) || python3 -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install -q -U pip
+	$(PEER_PY) -m pip install -q -e '.[peer]'
+	rm -f $(PEER_VENV)/.installed-* && touch $@
+
+bench-compare: $(PEER_STAMP)
+	$(PEER_PY) benchmarks/compare.py $(COMPARE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check xlstm_eqx tests benchmarks

@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: timing, peak RSS, compile counting, JSON emission.
+"""Shared helpers for the benchmark scripts: timing, peak RSS, compile counting, JSON emission, train-step set-up.
 
 Conventions used by every benchmark in this folder:
 
@@ -20,6 +20,7 @@ Conventions used by every benchmark in this folder:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -199,3 +200,67 @@ def run_child(argv: list[str], timeout: float | None = None) -> tuple[list[dict[
     if rc != 0:
         records.append({"error": f"child exited with {rc}", "argv": argv[1:]})
     return records, wall
+
+
+class TrainStepSetup(NamedTuple):
+    """What :func:`init_train_step` returns."""
+
+    state: Any  # xe.train.TrainState, donated by the first step
+    static: Any  # the model's static half
+    train_step: Callable  # train_step(state, batch) -> (state, metrics)
+    batch: Any  # xlstm_eqx.data.Batch, placed with the mesh's batch sharding
+    tokens: Any  # the (batch, T+1) int32 tokens the batch was made from, unplaced
+    init_s: float  # seconds spent in xe.train.init
+
+
+def init_train_step(cfg: Any, mesh: Any, *, batch_size: int, seq_len: int, seed: int, fsdp_min_weight_size: int):
+    """The library's train step set up as the trainer does it, with one synthetic batch.
+
+    State from ``xe.train.init`` (model built under jit with output shardings, key ``seed``) with the optimizer of
+    ``xe.train.build_optimizer(cfg.optim)``; ``xe.train.make_train_step(static, tx, mesh, cfg.train)``; one batch
+    ``Batch.from_tokens`` of uniform random int32 tokens (batch, T+1) from key ``seed + 1``, placed once with the
+    mesh's batch sharding outside any timed region. Returns a :class:`TrainStepSetup`.
+    """
+    import functools
+
+    from jax.sharding import NamedSharding
+
+    import xlstm_eqx as xe
+    from xlstm_eqx.data import Batch
+    from xlstm_eqx.parallel import batch_spec
+
+    tx = xe.train.build_optimizer(cfg.optim)
+    build = functools.partial(xe.models.build, cfg.model)
+    (state, static), init_s = timed(
+        lambda: xe.train.init(build, tx, key=jax.random.key(seed), mesh=mesh, fsdp_min_weight_size=fsdp_min_weight_size)
+    )
+    train_step = xe.train.make_train_step(static, tx, mesh, cfg.train, fsdp_min_weight_size=fsdp_min_weight_size)
+    tokens = jax.random.randint(jax.random.key(seed + 1), (batch_size, seq_len + 1), 0, cfg.model.vocab_size)
+    tokens = tokens.astype("int32")
+    batch = jax.block_until_ready(jax.device_put(Batch.from_tokens(tokens), NamedSharding(mesh, batch_spec(2))))
+    return TrainStepSetup(state, static, train_step, batch, tokens, init_s)
+
+
+class TrainStepLoop:
+    """Calling it runs one ``train_step(state, batch)``, passing the returned (donated) state back in.
+
+    Every step's metrics are kept; :meth:`losses` reads them back after the timed steps.
+    """
+
+    def __init__(self, train_step: Callable, state: Any, batch: Any):
+        self.train_step, self.state, self.batch = train_step, state, batch
+        self.metrics: list[Any] = []
+
+    def __call__(self) -> Any:
+        self.state, metrics = self.train_step(self.state, self.batch)
+        self.metrics.append(metrics)
+        return self.state.step
+
+    def losses(self) -> tuple[list[float], bool]:
+        """Mean loss of every step so far, and whether all were finite and no step was flagged non-finite."""
+        from xlstm_eqx.train import to_host
+
+        host = [to_host(m) for m in self.metrics]
+        losses = [float(h["loss_mean"]) for h in host]
+        finite = all(math.isfinite(x) for x in losses) and not any(float(h.get("nonfinite_max", 0)) for h in host)
+        return losses, finite

@@ -63,23 +63,31 @@ if "--single" in sys.argv[:-2]:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import compile_counter, emit, log, matmul_gflops, peak_rss_mb, run_child, time_calls, timed, timing_fields  # noqa: E402
+from _common import (  # noqa: E402
+    TrainStepLoop,
+    compile_counter,
+    emit,
+    init_train_step,
+    log,
+    matmul_gflops,
+    peak_rss_mb,
+    run_child,
+    time_calls,
+    timed,
+    timing_fields,
+)
 from model import PRESETS, ROOT, flops_per_token  # noqa: E402
 
 MESHES = ("1", "2x2x2")
 
 
 def run_single(preset: str, mesh_name: str, args: argparse.Namespace) -> None:
-    import functools
-
     import equinox as eqx
     import jax
-    from jax.sharding import NamedSharding
 
     import xlstm_eqx as xe
-    from xlstm_eqx.data import Batch
     from xlstm_eqx.models import count_params
-    from xlstm_eqx.parallel import FSDP_AXIS, TP_AXIS, batch_spec
+    from xlstm_eqx.parallel import FSDP_AXIS, TP_AXIS
 
     spec = PRESETS[preset]
     t_len, batch_size = spec["T"], spec["batch"]
@@ -92,40 +100,26 @@ def run_single(preset: str, mesh_name: str, args: argparse.Namespace) -> None:
     min_size = 0 if n_dev > 1 else cfg.mesh.fsdp_min_weight_size
     roofline = args.roofline_gflops or matmul_gflops(2048, "float32")["gflops"]
 
-    tx = xe.train.build_optimizer(cfg.optim)
-    build = functools.partial(xe.models.build, cfg.model)
-    (state, static), init_s = timed(
-        lambda: xe.train.init(build, tx, key=jax.random.key(args.seed), mesh=mesh, fsdp_min_weight_size=min_size)
+    state, static, train_step, batch, _, init_s = init_train_step(
+        cfg, mesh, batch_size=batch_size, seq_len=t_len, seed=args.seed, fsdp_min_weight_size=min_size
     )
     flops = flops_per_token(eqx.combine(state.params, static), cfg.model)["train"]
     leaves = jax.tree.leaves(state.params)
     sharded_over = lambda axis: sum(any(axis in str(d) for d in x.sharding.spec if d) for x in leaves)  # noqa: E731
-
-    train_step = xe.train.make_train_step(static, tx, mesh, cfg.train, fsdp_min_weight_size=min_size)
-    tokens = jax.random.randint(jax.random.key(args.seed + 1), (batch_size, t_len + 1), 0, cfg.model.vocab_size)
-    batch = Batch.from_tokens(tokens.astype("int32"))
-    batch = jax.block_until_ready(jax.device_put(batch, NamedSharding(mesh, batch_spec(2))))
 
     t0 = time.perf_counter()
     lowered = train_step.lower(state, batch)
     trace_s = time.perf_counter() - t0
     _, compile_s = timed(lowered.compile)
 
-    carry = {"state": state, "metrics": []}
+    step = TrainStepLoop(train_step, state, batch)
     del state  # donated by the first step
-
-    def step():
-        carry["state"], metrics = train_step(carry["state"], batch)
-        carry["metrics"].append(metrics)
-        return carry["state"].step
 
     first_compiles = compile_counter()
     (_, first_s) = timed(step)
     compiles_first = first_compiles()
     stats = time_calls(step, repeats=args.steps, warmup=0)
-    host = [xe.train.to_host(m) for m in carry["metrics"]]
-    losses = [float(h["loss_mean"]) for h in host]
-    finite = all(math.isfinite(x) for x in losses) and not any(float(h.get("nonfinite_max", 0)) for h in host)
+    losses, finite = step.losses()
     if stats["compiles_during_timing"]:
         log(f"[step] WARNING: {stats['compiles_during_timing']} compilations during timed steps ({preset} {mesh_name})")
     if not finite:
