@@ -25,11 +25,14 @@ LM_EVAL = ["lm_eval.evaluation_tasks=[shakespeare]", "lm_eval.limit_requests=2",
            "lm_eval.write_out=true", "lm_eval.batch_size=8", "lm_eval.context_length=64"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "hf_home"
-    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache)}.items():
-        monkeypatch.setenv(name, value)
+@pytest.fixture(scope="module", autouse=True)
+def offline(tmp_path_factory):
+    """lm-eval and HF datasets offline, their cache in a temporary folder; restored after this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,6 @@ def run(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("lm_eval_run") / "run"
     config = job_config(corpus, run_dir, "loop.num_train_steps=4", "loop.check_val_every_n_steps=4",
                         "checkpoint.every_n_steps=4", *LM_EVAL)  # fmt: skip
-    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():
-        os.environ.setdefault(name, value)
     return run_dir, train_job(config)
 
 
@@ -167,3 +168,15 @@ def test_bad_inputs_are_clear(run, lm, tmp_path):
         from_dict(LMEvalConfig, {"infinite_eval_chunksize": 0})
     with pytest.raises(ConfigError, match="lm_eval.nonsense"):
         from_dict(LMEvalConfig, {"nonsense": 1}, "lm_eval")
+
+
+def test_the_job_refuses_bad_lm_eval_settings_before_training(corpus, tmp_path):
+    from xlstm_eqx.loop.job import train_job
+
+    cases = [("lm_eval.batch_size=3", "lm_eval.batch_size 3 is not divisible by the mesh's data×fsdp = 8"),
+             ("lm_eval.evaluation_tasks=[shakespear]", "did you mean 'shakespeare'")]  # fmt: skip
+    for override, message in cases:
+        run_dir = tmp_path / override.split("=")[0]
+        with pytest.raises(ValueError, match=message):
+            train_job(job_config(corpus, run_dir, "loop.num_train_steps=4", override))
+        assert not list((run_dir / "checkpoints").glob("*"))  # nothing trained, nothing saved

@@ -17,9 +17,12 @@ from unittest import mock
 import equinox as eqx
 from jax.sharding import Mesh
 
+from ..config import MeshConfig, from_dict
 from ..config.lm_eval import LMEvalConfig
 from ..data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from ..loop.events import Event, Hook, Log, on
+from ..loop.restore import load_from_checkpoint
+from ..parallel import make_mesh
 from .lm_adapter import XlstmEqxLM
 from .scoring import ScoringSettings
 from .tasks import bundled_task_dir, check_task_names
@@ -191,10 +194,6 @@ def lm_from_checkpoint(
     ``latest`` / ``best`` / a number; evaluated on a ``data`` × ``fsdp`` mesh of local devices (default one).
     ``fields`` are :class:`LMEvalConfig` settings (e.g. ``batch_size``, ``use_infinite_eval``); the run's own
     sequence length, evaluation batch size and tokenizer fill in the rest."""
-    from ..config import MeshConfig, from_dict
-    from ..loop.restore import load_from_checkpoint
-    from ..parallel import make_mesh
-
     config = from_dict(LMEvalConfig, {**fields, **({"tokenizer_path": tokenizer} if tokenizer else {})})
     loaded = load_from_checkpoint(checkpoint, step, mesh=MeshConfig(data=data, fsdp=fsdp))
     run = loaded.config

@@ -23,10 +23,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Float
 
+from ..config.mesh import MeshConfig
 from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..data.loader import BatchIterator
-from ..parallel import batch_parallel_size, batch_spec, named, parameter_specs
+from ..parallel import batch_parallel_size, batch_spec, make_mesh, named, parameter_specs
 from ..train.loss import lm_forward
 from ..train.metrics import Measured
 from ..train.metrics_host import aggregate_host, to_host
@@ -60,6 +61,13 @@ def row_measure(model: eqx.Module, batch: Batch, key: Any, *, z_loss: float = 0.
     return -jnp.sum(measured["loglikelihood"].value), measured
 
 
+def check_rows_split(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
+    """ValueError unless ``batch_size`` rows split evenly over the mesh's data × fsdp devices."""
+    parallel = batch_parallel_size(mesh)
+    if batch_size % parallel:
+        raise ValueError(f"{name} {batch_size} is not divisible by the mesh's data×fsdp = {parallel}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoringSettings:
     """``window`` inputs per row on the fixed path; ``chunk_size`` on the recurrent one; ``batch_size`` rows per
@@ -87,13 +95,8 @@ class Scorer:
         if settings.worker_count < 0:
             raise ValueError(f"worker_count must be ≥ 0, got {settings.worker_count}")
         if mesh is None:
-            from ..config.mesh import MeshConfig
-            from ..parallel import make_mesh
-
             mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-        parallel = batch_parallel_size(mesh)
-        if settings.batch_size % parallel:
-            raise ValueError(f"batch_size {settings.batch_size} is not divisible by the mesh's data×fsdp = {parallel}")
+        check_rows_split(settings.batch_size, mesh)
         params, static = split_model(model)
         self._shardings = named(mesh, parameter_specs(params, mesh, fsdp_min_weight_size))
         self.settings, self.mesh = settings, mesh

@@ -42,18 +42,14 @@ def _lm_eval_hook(config: Config, static: Any, mesh: Any, run_dir: Path, latest:
     """lm-eval on the tested (and, if asked, validated) states; ``latest`` keeps the last results for the
     summary. Checks the tasks and the tokenizer before training starts, not after it."""
     from ..eval.lm_eval_run import lm_eval_hook, load_tokenizer, task_manager
+    from ..eval.scoring import check_rows_split
     from ..eval.tasks import check_task_names
-    from ..parallel import batch_parallel_size
 
     check_task_names(config.lm_eval.evaluation_tasks, task_manager(config.lm_eval))
     tokenizer = load_tokenizer(config.lm_eval, config.data.tokenizer)
     check_fits_model(tokenizer, config.model.vocab_size)
     batch_size = config.data.eval_batch_size or config.data.global_batch_size
-    if (config.lm_eval.batch_size or batch_size) % batch_parallel_size(mesh):
-        raise ConfigError(
-            "lm_eval.batch_size",
-            f"{config.lm_eval.batch_size or batch_size} rows do not split over data×fsdp = {batch_parallel_size(mesh)}",
-        )
+    check_rows_split(config.lm_eval.batch_size or batch_size, mesh, "lm_eval.batch_size")
     hook = lm_eval_hook(
         config.lm_eval, static, tokenizer, context_length=config.data.seq_len, batch_size=batch_size, mesh=mesh,
         fsdp_min_weight_size=config.mesh.fsdp_min_weight_size, output_dir=run_dir / "lm_eval",
