@@ -194,18 +194,22 @@ def _read_options(config: DataConfig) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_ahead)
 
 
+def with_workers(ds: grain.IterDataset, worker_count: int, worker_buffer_size: int) -> grain.IterDataset:
+    """``ds`` read by ``worker_count`` grain processes (``worker_buffer_size`` elements ahead each); 0 = inline."""
+    if worker_count == 0:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # google/grain#1355: workers read an absl flag
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+    )
+
+
 def _finish(ds: grain.IterDataset, config: DataConfig) -> grain.IterDataset:
     ds = ds.batch(config.local_batch_size, drop_remainder=False).map(_PadBatch(config.local_batch_size))
-    if config.worker_count > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # google/grain#1355: workers read an absl flag
-            flags.FLAGS.mark_as_parsed()
-        options = grain.MultiprocessingOptions(
-            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
-        )
-        ds = ds.mp_prefetch(options)
-    return ds
+    return with_workers(ds, config.worker_count, config.worker_buffer_size)
 
 
 def train_dataset(source: Any, tokenizer: Any, config: DataConfig, eod_id: int | None = None) -> grain.IterDataset:

@@ -27,6 +27,7 @@ from ..config.mesh import MeshConfig
 from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..data.loader import BatchIterator
+from ..data.pipeline import with_workers
 from ..parallel import batch_parallel_size, batch_spec, make_mesh, named, parameter_specs
 from ..train.loss import lm_forward
 from ..train.metrics import Measured
@@ -145,17 +146,9 @@ class Scorer:
         return [(value * scale, greedy) for value, greedy in fused]
 
     def _batches(self, source: RowBatches) -> Iterable[Any]:
+        settings = self.settings
         dataset = grain.MapDataset.source(source).to_iter_dataset()
-        if self.settings.worker_count > 0:
-            from absl import flags
-
-            if not flags.FLAGS.is_parsed():  # google/grain#1355: workers read an absl flag
-                flags.FLAGS.mark_as_parsed()
-            dataset = dataset.mp_prefetch(
-                grain.MultiprocessingOptions(
-                    num_workers=self.settings.worker_count, per_worker_buffer_size=self.settings.worker_buffer_size
-                )
-            )
+        dataset = with_workers(dataset, settings.worker_count, settings.worker_buffer_size)
         return BatchIterator(dataset, indexed=True, sharding=self.sharding)
 
 
