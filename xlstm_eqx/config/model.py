@@ -43,7 +43,9 @@ class ModelConfig:
     chunk_size: int = 64
     compute_dtype: DType = "float32"
     param_dtype: DType = "float32"
-    remat: Literal["none", "block", "dots"] = "none"
+    # Recompute everything but the plain (non-batched) matmuls in the backward: less memory traffic, and the
+    # fastest train step on CPU in benchmarks/variants.py (configs A and B, scanned blocks, fp32 and bf16).
+    remat: Literal["none", "block", "dots"] = "dots"
     scan_blocks: bool = True
 
     def __post_init__(self):

@@ -19,7 +19,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Float
 
@@ -29,7 +28,7 @@ from ..data.batch import Batch, document_starts
 from ..data.loader import BatchIterator
 from ..data.pipeline import with_workers
 from ..parallel import batch_parallel_size, batch_spec, make_mesh, named, parameter_specs
-from ..train.loss import lm_forward
+from ..train.loss import lm_forward, target_scores
 from ..train.metrics import Measured
 from ..train.metrics_host import aggregate_host, to_host
 from ..train.recurrent_eval import make_recurrent_eval_step
@@ -42,11 +41,11 @@ ROW_MODES = {"loglikelihood": ("single_noreduce_wcount",), "accuracies": ("singl
 
 
 def row_measurements(logits: Float[Array, "batch t vocab"], batch: Batch) -> dict[str, Measured]:
-    """Per row: Σ log p(target) over the scored targets, and the number of scored targets that were the argmax,
-    each with the row's scored-target count."""
+    """Per row: Σ log p(target) over the scored targets, and the number of scored targets that were the most likely
+    token (greedy), each with the row's scored-target count."""
     mask = batch.loss_mask.astype(jnp.float32)
-    log_likelihood = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch.targets)
-    correct = (jnp.argmax(logits, axis=-1).astype(batch.targets.dtype) == batch.targets).astype(jnp.float32)
+    log_likelihood, is_top = target_scores(logits.astype(jnp.float32), batch.targets)
+    correct = is_top.astype(jnp.float32)
     count = jnp.sum(mask, axis=-1)
     return {
         "loglikelihood": Measured(jnp.sum(log_likelihood * mask, axis=-1), count),

@@ -40,14 +40,14 @@ class XLSTMBlock(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "t d"],
+        x: Float[Array, "batch t d"],
         state: MLSTMState | None = None,
-        reset: Bool[Array, " t"] | None = None,
+        reset: Bool[Array, "batch t"] | None = None,
         *,
         kernel: str | None = None,
         tp_axis: str | None = None,
-    ) -> tuple[Float[Array, "t d"], MLSTMState, dict[str, Float[Array, ""]]]:
-        """(output, state, the mLSTM layer's gate statistics)."""
+    ) -> tuple[Float[Array, "batch t d"], MLSTMState, dict[str, Float[Array, " batch"]]]:
+        """(output, state (batch, heads, …), the mLSTM layer's per-row gate statistics)."""
         y, state, stats = self.mlstm_layer(apply_norm(self.norm_mlstm, x), state, reset, kernel=kernel, tp_axis=tp_axis)
         x = x + y
         x = x + self.ffn(apply_norm(self.norm_ffn, x), tp_axis)

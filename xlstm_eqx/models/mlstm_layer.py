@@ -61,18 +61,17 @@ class MLSTMLayer(eqx.Module):
 
     def __call__(
         self,
-        u: Float[Array, "t d"],
+        u: Float[Array, "batch t d"],
         state: MLSTMState | None = None,
-        reset: Bool[Array, " t"] | None = None,
+        reset: Bool[Array, "batch t"] | None = None,
         *,
         kernel: str | None = None,
         tp_axis: str | None = None,
-    ) -> tuple[Float[Array, "t d"], MLSTMState, dict[str, Float[Array, ""]]]:
-        """(output, state, gate statistics). ``tp_axis``: mesh axis over which heads are split; this device's
-        weights then hold its heads only (statistics are averaged over all heads)."""
+    ) -> tuple[Float[Array, "batch t d"], MLSTMState, dict[str, Float[Array, " batch"]]]:
+        """(output, state (batch, heads, …), per-row gate statistics). ``tp_axis``: mesh axis over which heads are
+        split; this device's weights then hold its heads only (statistics are averaged over all heads)."""
         c = self.config
-        t_len = u.shape[0]
-        heads = lambda x, dim: x.reshape(t_len, -1, dim)  # noqa: E731  (local heads under tensor parallelism)
+        heads = lambda x, dim: x.reshape(*u.shape[:2], -1, dim)  # noqa: E731  (local heads under tensor parallelism)
         q, k = heads(dense(self.q, u), c.qk_head_dim), heads(dense(self.k, u), c.qk_head_dim)
         v = heads(dense(self.v, u), c.v_head_dim)
         acc = gate_dtype(u.dtype)
@@ -83,34 +82,35 @@ class MLSTMLayer(eqx.Module):
         cell = functools.partial(run_cell, kernel or c.kernel, chunk_size=c.chunk_size, eps=c.cell_eps)
         h, state = cell(q, k, v, i_pre, f_pre, state, reset)
         stats = {
-            "igate_preact_mean": jnp.mean(i_pre),
-            "fgate_mean": jnp.mean(jax.nn.sigmoid(f_pre)),
-            "cell_out_abs_mean": jnp.mean(jnp.abs(h)).astype(acc),
+            "igate_preact_mean": jnp.mean(i_pre, axis=(1, 2)),
+            "fgate_mean": jnp.mean(jax.nn.sigmoid(f_pre), axis=(1, 2)),
+            "cell_out_abs_mean": jnp.mean(jnp.abs(h), axis=(1, 2, 3)).astype(acc),
         }
         if tp_axis is not None:
             stats = jax.lax.pmean(stats, tp_axis)
-        h = self.multihead_norm(h.astype(u.dtype)).reshape(t_len, -1)
+        h = self.multihead_norm(h.astype(u.dtype)).reshape(*u.shape[:2], -1)
         out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u))
         return row_parallel(self.out_proj, out_gate * h, tp_axis), state, stats
 
 
 def run_cell(
     kernel: str,
-    q: Float[Array, "t heads dk"],
-    k: Float[Array, "t heads dk"],
-    v: Float[Array, "t heads dv"],
-    i_preact: Float[Array, "t heads"],
-    f_preact: Float[Array, "t heads"],
+    q: Float[Array, "batch t heads dk"],
+    k: Float[Array, "batch t heads dk"],
+    v: Float[Array, "batch t heads dv"],
+    i_preact: Float[Array, "batch t heads"],
+    f_preact: Float[Array, "batch t heads"],
     state: MLSTMState | None,
-    reset: Bool[Array, " t"] | None,
+    reset: Bool[Array, "batch t"] | None,
     *,
     chunk_size: int,
     eps: float,
-) -> tuple[Float[Array, "t heads dv"], MLSTMState]:
-    """Runs the named kernel on every head. A single token always takes the recurrent step."""
+) -> tuple[Float[Array, "batch t heads dv"], MLSTMState]:
+    """Runs the named kernel on every head of every row (state (batch, heads, …)). A single token always takes
+    the recurrent step."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown mLSTM kernel {kernel!r}; choose one of {sorted(KERNELS)}")
-    if q.shape[0] == 1:
+    if q.shape[1] == 1:
         kernel = "recurrent"
     fn = KERNELS[kernel]
     fn = (
@@ -118,6 +118,12 @@ def run_cell(
         if kernel == "chunkwise"
         else functools.partial(fn, eps=eps)
     )
-    per_head = lambda q, k, v, i, f, s: fn(q, k, v, i, f, s, reset)  # noqa: E731
-    state_axis = None if state is None else 0
-    return jax.vmap(per_head, in_axes=(1, 1, 1, 1, 1, state_axis), out_axes=(1, 0))(q, k, v, i_preact, f_preact, state)
+
+    def per_row(q, k, v, i, f, s, r):
+        per_head = lambda q, k, v, i, f, s: fn(q, k, v, i, f, s, r)  # noqa: E731
+        return jax.vmap(per_head, in_axes=(1, 1, 1, 1, 1, None if s is None else 0), out_axes=(1, 0))(q, k, v, i, f, s)
+
+    optional = lambda x: None if x is None else 0  # noqa: E731
+    return jax.vmap(per_row, in_axes=(0, 0, 0, 0, 0, optional(state), optional(reset)))(
+        q, k, v, i_preact, f_preact, state, reset
+    )

@@ -39,19 +39,23 @@ def _varying_axes(x: Array) -> frozenset[str]:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
+def varying_like(x: Array, *refs: Array) -> Array:
+    """``x`` marked as varying over every mesh axis any of ``refs`` varies over (no-op outside shard_map).
+
+    Autodiff turns this cast into the psum that reduces ``x``'s cotangent over those axes, so custom VJPs
+    and scan carries that mix ``x`` with sharded values get consistent types.
+    """
+    missing = tuple(sorted(frozenset().union(*(_varying_axes(r) for r in refs)) - _varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
 def vary_like(state: MLSTMState, *inputs: Array) -> MLSTMState:
     """``state`` marked as varying over every mesh axis the inputs vary over.
 
     A scan's carry must keep its type; inside ``shard_map`` a zero initial state is invariant while its
     updates (computed from sharded inputs) vary, so the carry is cast up front. No-op outside shard_map.
     """
-    axes = frozenset().union(*(_varying_axes(x) for x in inputs))
-
-    def cast(leaf: Array) -> Array:
-        missing = tuple(sorted(axes - _varying_axes(leaf)))
-        return lax.pcast(leaf, missing, to="varying") if missing else leaf
-
-    return MLSTMState(*(cast(leaf) for leaf in state))
+    return MLSTMState(*(varying_like(leaf, *inputs) for leaf in state))
 
 
 def accumulation_dtype(i_preact: Array) -> jnp.dtype:

@@ -1,0 +1,167 @@
+"""Where a train step's time goes: a ``jax.profiler`` trace of the library's step, aggregated per XLA op.
+
+What is measured
+    ``xe.train.make_train_step`` for config A or B on one CPU device (set up as benchmarks/step.py does it),
+    float32 unless overridden, after ``--warmup`` untimed steps: ``--steps`` steps under
+    ``jax.profiler.trace``. The trace's XLA:CPU worker-thread events (one line per thread of the intra-op pool)
+    are summed per HLO instruction, then joined with the compiled module's text to name each instruction's
+    result shape and the jaxpr operation it came from (``op_name`` metadata). Output, one JSON line each:
+
+    * ``profile_summary``: wall time per step, per-thread busy fraction (op time ÷ span; the container event
+      ``ThunkExecutor::Execute`` is excluded), and op time per category per step: ``dot`` (XNNPACK/YNNPACK
+      fusions and plain dots), ``copy_transpose`` (copies, transposes, bitcast-copies), ``elementwise``,
+      ``reduce``, ``scatter_gather``, ``broadcast`` (buffer initialisation), ``other``.
+    * ``profile_op``: the ``--top`` instructions by op time per step, with category, count per step, shape and
+      source operation.
+
+Usage
+    python benchmarks/profile_step.py --config A
+    python benchmarks/profile_step.py --config B --override model.scan_blocks=false --top 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import TrainStepLoop, emit, init_train_step, log  # noqa: E402
+from model import PRESETS, ROOT  # noqa: E402
+
+CONTAINER_EVENTS = ("ThunkExecutor::Execute",)
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>\S+(?: \S+\))?)\S* (?P<op>[\w\-]+)\(")
+OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
+
+
+def category(name: str, op: str) -> str:
+    """A coarse kind for an HLO instruction, from its name (fusions are named after their root ops) and opcode."""
+    if name.startswith(("ynn_fusion", "xnn_fusion", "dot", "convolution")) or op in ("dot", "convolution"):
+        return "dot"
+    if "copy" in name or "transpose" in name or op in ("copy", "transpose"):
+        return "copy_transpose"
+    if "scatter" in name or "gather" in name or op in ("scatter", "gather", "dynamic-update-slice"):
+        return "scatter_gather"
+    if "reduce" in name or op in ("reduce", "reduce-window"):
+        return "reduce"
+    if "broadcast" in name and "fusion" not in name.replace("wrapped_broadcast", ""):
+        return "broadcast"
+    if op in ("fusion", "add", "multiply", "subtract", "divide", "exponential", "select", "maximum", "tanh"):
+        return "elementwise"
+    return "other"
+
+
+def instructions(hlo_text: str) -> dict[str, dict[str, str]]:
+    """Instruction name → {shape, op, op_name} for every instruction of the compiled module."""
+    table = {}
+    for line in hlo_text.splitlines():
+        match = INSTRUCTION.match(line)
+        if match:
+            source = OP_NAME.search(line)
+            table[match["name"]] = {
+                "shape": match["shape"],
+                "op": match["op"],
+                "op_name": source["op_name"] if source else "",
+            }
+    return table
+
+
+def thread_events(trace_dir: str):
+    """(thread name, [(name, start_ns, duration_ns)]) for every XLA worker thread in the trace."""
+    import jax
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    profile = jax.profiler.ProfileData.from_file(path)
+    for plane in profile.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            yield line.name, [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(PRESETS), default="A")
+    parser.add_argument("--override", action="append", default=[], help="config override, e.g. model.chunk_size=32")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import jax
+
+    import xlstm_eqx as xe
+
+    spec = PRESETS[args.config]
+    cfg = xe.load_config(os.path.join(ROOT, spec["path"]), overrides=["model.compute_dtype=float32", *args.override])
+    mesh = xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
+    setup = init_train_step(
+        cfg, mesh, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed,
+        fsdp_min_weight_size=cfg.mesh.fsdp_min_weight_size,
+    )  # fmt: skip
+    table = instructions(setup.train_step.lower(setup.state, setup.batch).compile().as_text())
+    step = TrainStepLoop(setup.train_step, setup.state, setup.batch)
+    for _ in range(args.warmup):
+        jax.block_until_ready(step())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(trace_dir):
+            for _ in range(args.steps):
+                jax.block_until_ready(step())
+        wall = (time.perf_counter() - t0) / args.steps
+        threads = list(thread_events(trace_dir))
+
+    per_op, counts = collections.Counter(), collections.Counter()
+    busy = {}
+    for thread, events in threads:
+        ops = [e for e in events if e[0] not in CONTAINER_EVENTS]
+        if not ops:
+            continue
+        span = max(s + d for _, s, d in ops) - min(s for _, s, _ in ops)
+        busy[thread] = round(sum(d for *_, d in ops) / span, 3) if span else 0.0
+        for name, _, duration in ops:
+            per_op[name] += duration
+            counts[name] += 1
+    by_category = collections.Counter()
+    for name, ns in per_op.items():
+        info = table.get(name, {"op": "?"})
+        by_category[category(name, info["op"])] += ns
+    ms_per_step = lambda ns: round(ns / 1e6 / args.steps, 2)  # noqa: E731
+    emit(
+        {
+            "bench": "profile_summary",
+            "config": args.config,
+            "overrides": args.override,
+            "wall_ms_per_step": round(wall * 1e3, 1),
+            "op_ms_per_step": ms_per_step(sum(per_op.values())),
+            "thread_busy_fraction": sorted(busy.values(), reverse=True),
+            "category_ms_per_step": {k: ms_per_step(v) for k, v in by_category.most_common()},
+        }
+    )
+    for name, ns in per_op.most_common(args.top):
+        info = table.get(name, {"shape": "?", "op": "?", "op_name": ""})
+        emit(
+            {
+                "bench": "profile_op",
+                "op": name,
+                "category": category(name, info["op"]),
+                "ms_per_step": ms_per_step(ns),
+                "calls_per_step": round(counts[name] / args.steps, 2),
+                "shape": info["shape"],
+                "source": info["op_name"].removeprefix("jit(train_step)/")[:160],
+            }
+        )
+    log(f"[profile] {len(per_op)} distinct ops, {len(threads)} worker threads")
+
+
+if __name__ == "__main__":
+    main()
