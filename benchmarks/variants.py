@@ -83,7 +83,9 @@ def main() -> None:
         t0 = time.perf_counter()
         compiled = setup.train_step.lower(setup.state, setup.batch).compile(compiler_options=options or None)
         log(f"[variants] {name}: compiled in {time.perf_counter() - t0:.1f}s")
-        runs[name] = {"step": compiled, "state": setup.state, "batch": setup.batch, "times": [], "spec": (overrides, options)}
+        runs[name] = {
+            "step": compiled, "state": setup.state, "batch": setup.batch, "times": [], "spec": (overrides, options)
+        }  # fmt: skip
 
     for round_index in range(args.rounds):
         for run in runs.values():

@@ -8,8 +8,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 from xlstm_eqx.config import ModelConfig
-from xlstm_eqx.models import build, count_params
-from xlstm_eqx.models import layers
+from xlstm_eqx.models import build, count_params, layers
 from xlstm_eqx.models.layers import mixed_precision_matmul, small_init_std, wang_init_std
 
 TINY = ModelConfig(vocab_size=97, embedding_dim=64, num_blocks=3, num_heads=2, chunk_size=8)
