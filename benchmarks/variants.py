@@ -10,8 +10,9 @@ What is measured
     ratio of its median tokens/s to the first variant's.
 
 Variant syntax
-    ``NAME=OVERRIDE[,OVERRIDE...]``; an override ``xla:FLAG=VALUE`` is an XLA option, any other is a config
-    override (``model.scan_blocks=false``). ``NAME=`` alone is the unchanged config.
+    ``NAME=OVERRIDE[,OVERRIDE...]``; an override ``xla:FLAG=VALUE`` is an XLA option, ``env:VAR=VALUE`` sets an
+    environment variable while the variant is traced and compiled (for code experiments gated on one), any other
+    is a config override (``model.scan_blocks=false``). ``NAME=`` alone is the unchanged config.
 
 Usage
     python benchmarks/variants.py --config A --variant base= --variant unrolled=model.scan_blocks=false
@@ -39,21 +40,26 @@ def _option_value(text: str) -> bool | int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
-    """'name=a=1,xla:f=v' -> ('name', ['a=1'], {'f': 'v'})."""
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str], dict[str, str]]:
+    """'name=a=1,xla:f=v,env:E=x' -> ('name', ['a=1'], {'f': 'v'}, {'E': 'x'})."""
     name, _, rest = text.partition("=")
     if not name:
         raise argparse.ArgumentTypeError(f"variant {text!r} needs a name: NAME=OVERRIDES")
-    overrides, options = [], {}
+    overrides, options, env = [], {}, {}
     for item in filter(None, rest.split(",")):
-        if item.startswith("xla:"):
+        if item.startswith("env:"):
+            var, sep, value = item[4:].partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"environment override {item!r} must be env:VAR=VALUE")
+            env[var] = value
+        elif item.startswith("xla:"):
             flag, sep, value = item[4:].partition("=")
             if not sep:
                 raise argparse.ArgumentTypeError(f"XLA option {item!r} must be xla:FLAG=VALUE")
             options[flag] = _option_value(value)
         else:
             overrides.append(item)
-    return name, overrides, options
+    return name, overrides, options, env
 
 
 def main() -> None:
@@ -74,17 +80,23 @@ def main() -> None:
     spec = PRESETS[args.config]
     mesh = xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
     runs = {}
-    for name, overrides, options in args.variant:
+    for name, overrides, options, env in args.variant:
         cfg = xe.load_config(os.path.join(ROOT, spec["path"]), overrides=["model.compute_dtype=float32", *overrides])
         setup = init_train_step(
             cfg, mesh, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed,
             fsdp_min_weight_size=cfg.mesh.fsdp_min_weight_size,
         )  # fmt: skip
         t0 = time.perf_counter()
-        compiled = setup.train_step.lower(setup.state, setup.batch).compile(compiler_options=options or None)
+        saved = {var: os.environ.get(var) for var in env}
+        os.environ.update(env)
+        try:
+            compiled = setup.train_step.lower(setup.state, setup.batch).compile(compiler_options=options or None)
+        finally:
+            for var, value in saved.items():
+                os.environ.pop(var) if value is None else os.environ.__setitem__(var, value)
         log(f"[variants] {name}: compiled in {time.perf_counter() - t0:.1f}s")
         runs[name] = {
-            "step": compiled, "state": setup.state, "batch": setup.batch, "times": [], "spec": (overrides, options)
+            "step": compiled, "state": setup.state, "batch": setup.batch, "times": [], "spec": (overrides, options, env)
         }  # fmt: skip
 
     for round_index in range(args.rounds):
@@ -109,6 +121,7 @@ def main() -> None:
                 "variant": name,
                 "overrides": run["spec"][0],
                 "xla_options": run["spec"][1],
+                "env": run["spec"][2],
                 "tokens_per_s": round(tokens_per_s, 1),
                 "ratio_to_first": round(tokens_per_s / baseline, 4),
                 "step_s": round(median, 5),

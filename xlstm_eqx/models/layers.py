@@ -7,6 +7,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .kernels.common import varying_like
@@ -40,10 +41,15 @@ def project(
     rows = x.reshape(-1, x.shape[-1])
     if jnp.dtype(x.dtype).itemsize < 4:
         y = mixed_precision_matmul(rows, varying_like(weight, rows)).astype(out_dtype)
+        y = checkpoint_name(y, MIXED_PRECISION_MATMUL)  # after the cast: a saved bf16 output is half the bytes
     else:
         y = jnp.einsum("ri,oi->ro", rows, weight.astype(x.dtype), preferred_element_type=out_dtype)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.astype(out_dtype)
+
+
+# Name of mixed_precision_matmul's output for remat policies: they cannot see the product inside the custom VJP.
+MIXED_PRECISION_MATMUL = "mixed_precision_matmul"
 
 
 @jax.custom_vjp

@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ..config import ModelConfig
 from .block import XLSTMBlock
 from .kernels import MLSTMState
-from .layers import apply_norm, gate_dtype, normal_, project, rms_norm, small_init_std, soft_cap
+from .layers import MIXED_PRECISION_MATMUL, apply_norm, gate_dtype, normal_, project, rms_norm, small_init_std, soft_cap
 
 # Config fields that change how the model runs, never what it computes (beyond rounding).
 EXECUTION_POLICY_FIELDS = ("kernel", "chunk_size", "compute_dtype", "remat", "scan_blocks")
@@ -21,7 +21,10 @@ EXECUTION_POLICY_FIELDS = ("kernel", "chunk_size", "compute_dtype", "remat", "sc
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(MIXED_PRECISION_MATMUL),
+    ),
 }
 
 
