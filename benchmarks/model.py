@@ -4,7 +4,7 @@ What is measured
     Config A (configs/bench_a.yaml, T=256, batch 8) and config B (configs/bench_b.yaml, T=512,
     batch 4): 2048 tokens per step, as in /work/shared/reference/performance_anchors.md. Each in
     float32 and with ``model.compute_dtype=bfloat16`` (parameters stay float32).
-    * ``model_fwd``: ``eqx.filter_jit`` of the model ``jax.vmap``-ed over the batch → logits.
+    * ``model_fwd``: ``eqx.filter_jit`` of ``model.forward_batch`` (all rows at once) → logits.
     * ``model_train``: one training step under ``eqx.filter_jit(donate="all-except-first")``
       (model and optimiser state donated; the batch is the first argument): mean next-token
       cross-entropy (``optax.softmax_cross_entropy_with_integer_labels``), ``eqx.filter_value_and_grad``,
@@ -101,7 +101,7 @@ def run_single(preset: str, dtype: str, mode: str, args: argparse.Namespace) -> 
 
         @eqx.filter_jit
         def forward(model, inputs):
-            return jax.vmap(lambda seq: model(seq)[0])(inputs)
+            return model.forward_batch(inputs)[0]
 
         t0 = time.perf_counter()
         lowered = forward.lower(model, inputs)
@@ -118,7 +118,7 @@ def run_single(preset: str, dtype: str, mode: str, args: argparse.Namespace) -> 
             x, y = batch_xy
 
             def loss_fn(model):
-                logits = jax.vmap(lambda seq: model(seq)[0])(x)
+                logits = model.forward_batch(x)[0]
                 return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
 
             loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
