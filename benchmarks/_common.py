@@ -213,8 +213,12 @@ class TrainStepSetup(NamedTuple):
     init_s: float  # seconds spent in xe.train.init
 
 
-def init_train_step(cfg: Any, mesh: Any, *, batch_size: int, seq_len: int, seed: int, fsdp_min_weight_size: int):
+def init_train_step(
+    cfg: Any, mesh: Any = None, *, batch_size: int, seq_len: int, seed: int, fsdp_min_weight_size: int | None = None
+):
     """The library's train step set up as the trainer does it, with one synthetic batch.
+
+    ``mesh`` None is one device; ``fsdp_min_weight_size`` None is the config's own (``cfg.mesh``).
 
     State from ``xe.train.init`` (model built under jit with output shardings, key ``seed``) with the optimizer of
     ``xe.train.build_optimizer(cfg.optim)``; ``xe.train.make_train_step(static, tx, mesh, cfg.train)``; one batch
@@ -229,6 +233,10 @@ def init_train_step(cfg: Any, mesh: Any, *, batch_size: int, seq_len: int, seed:
     from xlstm_eqx.data import Batch
     from xlstm_eqx.parallel import batch_spec
 
+    if mesh is None:
+        mesh = xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
+    if fsdp_min_weight_size is None:
+        fsdp_min_weight_size = cfg.mesh.fsdp_min_weight_size
     tx = xe.train.build_optimizer(cfg.optim)
     build = functools.partial(xe.models.build, cfg.model)
     (state, static), init_s = timed(

@@ -84,16 +84,11 @@ def peer_import_error() -> str | None:
 
 def build_ours(spec: dict, dtype: str, seed: int):
     """Our train step on one device for a PRESETS entry: (TrainStepLoop, TrainStepSetup, run config)."""
-    import jax
 
     import xlstm_eqx as xe
 
     cfg = xe.load_config(os.path.join(ROOT, spec["path"]), overrides=[f"model.compute_dtype={dtype}"])
-    mesh = xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
-    min_size = cfg.mesh.fsdp_min_weight_size
-    setup = init_train_step(
-        cfg, mesh, batch_size=spec["batch"], seq_len=spec["T"], seed=seed, fsdp_min_weight_size=min_size
-    )
+    setup = init_train_step(cfg, batch_size=spec["batch"], seq_len=spec["T"], seed=seed)
     return TrainStepLoop(setup.train_step, setup.state, setup.batch), setup, cfg
 
 

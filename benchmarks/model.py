@@ -50,6 +50,16 @@ PRESETS = {
     "B": {"path": "configs/bench_b.yaml", "T": 512, "batch": 4},
 }
 DTYPES = ("float32", "bfloat16")
+
+
+def preset_config(preset: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The run config of ``PRESETS[preset]``, computing in float32 unless ``overrides`` say otherwise."""
+    import xlstm_eqx as xe
+
+    path = os.path.join(ROOT, PRESETS[preset]["path"])
+    return xe.load_config(path, overrides=["model.compute_dtype=float32", *overrides])
+
+
 MODES = ("fwd", "train")
 
 

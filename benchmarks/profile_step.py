@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import TrainStepLoop, emit, init_train_step, log  # noqa: E402
-from model import PRESETS, ROOT  # noqa: E402
+from model import PRESETS, preset_config  # noqa: E402
 
 CONTAINER_EVENTS = ("ThunkExecutor::Execute",)
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>\S+(?: \S+\))?)\S* (?P<op>[\w\-]+)\(")
@@ -99,15 +99,9 @@ def main() -> None:
 
     import jax
 
-    import xlstm_eqx as xe
-
     spec = PRESETS[args.config]
-    cfg = xe.load_config(os.path.join(ROOT, spec["path"]), overrides=["model.compute_dtype=float32", *args.override])
-    mesh = xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
-    setup = init_train_step(
-        cfg, mesh, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed,
-        fsdp_min_weight_size=cfg.mesh.fsdp_min_weight_size,
-    )  # fmt: skip
+    cfg = preset_config(args.config, args.override)
+    setup = init_train_step(cfg, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed)
     table = instructions(setup.train_step.lower(setup.state, setup.batch).compile().as_text())
     step = TrainStepLoop(setup.train_step, setup.state, setup.batch)
     for _ in range(args.warmup):

@@ -56,7 +56,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import TrainStepLoop, emit, init_train_step, log, peak_rss_mb, run_child, time_calls, timed  # noqa: E402
-from model import PRESETS, ROOT  # noqa: E402
+from model import PRESETS, preset_config  # noqa: E402
 
 TARGETS = ("scaling", "compile", "decode", "memory")
 GOALS = {"scaling": (0.8, ">="), "compile": (1.5, "<="), "decode": (0.5, "<="), "memory": (1.2, "<=")}
@@ -67,19 +67,7 @@ QUICK = {"scaling_T": [256, 2048], "scaling_tokens": 2048, "depths": [2, 6], "de
 
 
 def _config(overrides: list[str]):
-    import xlstm_eqx as xe
-
-    return xe.load_config(
-        os.path.join(ROOT, PRESETS["A"]["path"]), overrides=["model.compute_dtype=float32", *overrides]
-    )
-
-
-def _mesh():
-    import jax
-
-    import xlstm_eqx as xe
-
-    return xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
+    return preset_config("A", overrides)
 
 
 def _rss_now_mb() -> float:
@@ -103,8 +91,7 @@ def _timing(stats: dict) -> dict:
 
 def child_scaling(t_len: int, batch: int, args: argparse.Namespace) -> None:
     cfg = _config([])
-    setup = init_train_step(cfg, _mesh(), batch_size=batch, seq_len=t_len, seed=args.seed,
-                            fsdp_min_weight_size=cfg.mesh.fsdp_min_weight_size)  # fmt: skip
+    setup = init_train_step(cfg, batch_size=batch, seq_len=t_len, seed=args.seed)
     step = TrainStepLoop(setup.train_step, setup.state, setup.batch)
     del setup  # its state is donated by the first step
     log(f"[targets] scaling T={t_len} batch={batch}: warm-up (compile) + {args.steps} timed steps")
@@ -118,8 +105,7 @@ def child_scaling(t_len: int, batch: int, args: argparse.Namespace) -> None:
 
 def child_compile(depth: int, scan: str, args: argparse.Namespace) -> None:
     cfg = _config([f"model.num_blocks={depth}", f"model.scan_blocks={scan}"])
-    setup = init_train_step(cfg, _mesh(), batch_size=PRESETS["A"]["batch"], seq_len=PRESETS["A"]["T"],
-                            seed=args.seed, fsdp_min_weight_size=cfg.mesh.fsdp_min_weight_size)  # fmt: skip
+    setup = init_train_step(cfg, batch_size=PRESETS["A"]["batch"], seq_len=PRESETS["A"]["T"], seed=args.seed)
     log(f"[targets] compile num_blocks={depth} scan_blocks={scan}: lower + compile")
     t0 = time.perf_counter()
     lowered = setup.train_step.lower(setup.state, setup.batch)
@@ -193,7 +179,8 @@ def child_memory(n_tokens: int, args: argparse.Namespace) -> None:
     from xlstm_eqx.train import to_host
     from xlstm_eqx.train.recurrent_eval import make_recurrent_eval_step
 
-    cfg, mesh = _config([]), _mesh()
+    cfg = _config([])
+    mesh = xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
     min_size = cfg.mesh.fsdp_min_weight_size
     build = functools.partial(xe.models.build, cfg.model)
     state, static = xe.train.init(build, xe.train.build_optimizer(cfg.optim), key=jax.random.key(args.seed),

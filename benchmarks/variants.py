@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import emit, init_train_step, log  # noqa: E402
-from model import PRESETS, ROOT  # noqa: E402
+from model import PRESETS, preset_config  # noqa: E402
 
 
 def _option_value(text: str) -> bool | int | str:
@@ -75,17 +75,11 @@ def main() -> None:
 
     import jax
 
-    import xlstm_eqx as xe
-
     spec = PRESETS[args.config]
-    mesh = xe.make_mesh(xe.MeshConfig(data=1), jax.devices()[:1])
     runs = {}
     for name, overrides, options, env in args.variant:
-        cfg = xe.load_config(os.path.join(ROOT, spec["path"]), overrides=["model.compute_dtype=float32", *overrides])
-        setup = init_train_step(
-            cfg, mesh, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed,
-            fsdp_min_weight_size=cfg.mesh.fsdp_min_weight_size,
-        )  # fmt: skip
+        cfg = preset_config(args.config, overrides)
+        setup = init_train_step(cfg, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed)
         t0 = time.perf_counter()
         saved = {var: os.environ.get(var) for var in env}
         os.environ.update(env)

@@ -118,12 +118,12 @@ def run_cell(
         if kernel == "chunkwise"
         else functools.partial(fn, eps=eps)
     )
+    optional = lambda x: None if x is None else 0  # noqa: E731  (vmap axis of an optional argument)
 
     def per_row(q, k, v, i, f, s, r):
         per_head = lambda q, k, v, i, f, s: fn(q, k, v, i, f, s, r)  # noqa: E731
-        return jax.vmap(per_head, in_axes=(1, 1, 1, 1, 1, None if s is None else 0), out_axes=(1, 0))(q, k, v, i, f, s)
+        return jax.vmap(per_head, in_axes=(1, 1, 1, 1, 1, optional(s)), out_axes=(1, 0))(q, k, v, i, f, s)
 
-    optional = lambda x: None if x is None else 0  # noqa: E731
     return jax.vmap(per_row, in_axes=(0, 0, 0, 0, 0, optional(state), optional(reset)))(
         q, k, v, i_preact, f_preact, state, reset
     )

@@ -85,11 +85,10 @@ def lm_loss(
     """
     del key
     resets = document_starts(batch.segment_ids)
-    if not intermediates:
-        logits, _ = lm_forward(model, batch.inputs, resets, tp_axis=tp_axis)
-        return lm_measurements(logits, batch, z_loss)
     logits, _, stats = model.forward_batch(batch.inputs, reset=resets, tp_axis=tp_axis, check_token_ids=False)
     objective, measured = lm_measurements(logits, batch, z_loss)
+    if not intermediates:
+        return objective, measured  # XLA drops the unused statistics
     rows = jnp.asarray(batch.inputs.shape[0], jnp.float32)
     for name, per_row in stats.items():  # per_row: (rows, blocks)
         for block in range(per_row.shape[1]):
