@@ -1,10 +1,12 @@
-"""Command line: ``xlstm-eqx train`` (the main job), ``params`` and ``convert``. Thin by design: parse, wire, call."""
+"""Command line: ``xlstm-eqx train`` (the main job; one process of a multi-process run with the distributed
+flags), ``launch`` (N local processes of one run), ``params`` and ``convert``. Thin by design: parse, wire, call."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -12,6 +14,7 @@ from .data.sources import convert_to_array_record
 from .io.checkpoint import CheckpointError
 from .loop.logger import LogPathError
 from .models import count_params
+from .parallel.distributed import DistributedError, initialize, resolve
 
 
 def train(args: argparse.Namespace) -> int:
@@ -19,13 +22,42 @@ def train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("xlstm_eqx").setLevel(logging.INFO)
-    config = load_config(args.config, args.overrides)
+    distributed = resolve(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id,
+        initialization_timeout_s=args.initialization_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )  # fmt: skip
+    config = load_config(args.config, args.overrides)  # before joining: a bad config fails every rank alike
+    initialize(distributed)
+    args.multi_process = distributed.multi_process
     summary = train_job(config, sample_prompt=args.prompt, sample_tokens=args.sample_tokens)
     sample = summary.pop("sample", None)
     if sample is not None:
         print(f"--- sample ({args.sample_tokens} tokens after {args.prompt!r}) ---\n{sample}\n---")
     print(json.dumps(summary))
     return 0 if summary["status"] == "success" else 1
+
+
+def launch(args: argparse.Namespace) -> int:
+    from .parallel.launch import launch_local
+
+    rest = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not rest:
+        raise ValueError("launch needs a command, e.g. xlstm-eqx launch --processes 2 -- xlstm-eqx train --config ...")
+    result = launch_local(rest, args.processes, cpu_devices=args.cpu_devices, timeout_s=args.timeout,
+                          log_dir=args.log_dir)  # fmt: skip
+    print(f"launch: {result.reason}; exit codes {result.returncodes}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-process run (else XLSTM_EQX_* variables, else SLURM, else one process)")
+    group.add_argument("--coordinator-address", help="HOST:PORT where process 0 listens (the same on every process)")
+    group.add_argument("--num-processes", type=int, help="processes in the run")
+    group.add_argument("--process-id", type=int, help="this process's id, 0 … num-processes − 1")
+    group.add_argument("--initialization-timeout", type=int, help="seconds to wait for all processes (default 120)")
+    group.add_argument("--heartbeat-timeout", type=int, help="seconds until a silent process fails the run (30)")
+    group.add_argument("--shutdown-timeout", type=int, help="seconds the processes wait for each other at exit (60)")
 
 
 def params(args: argparse.Namespace) -> int:
@@ -48,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--prompt", default="ROMEO:\n", help="text the printed sample continues")
     fit.add_argument("--sample-tokens", type=int, default=120, help="0: no sample")
     fit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loop.num_train_steps=100 log.run_dir=runs/x")
+    _distributed_flags(fit)
     fit.set_defaults(fn=train)
+    local = commands.add_parser("launch", help="run a command (xlstm-eqx train …, lm_eval …) as N local processes")
+    local.add_argument("--processes", type=int, required=True, help="number of local processes")
+    local.add_argument("--cpu-devices", type=int, help="fake CPU devices per process (CPU only; default: JAX's)")
+    local.add_argument("--timeout", type=float, help="stop all processes after this many seconds")
+    local.add_argument("--log-dir", help="write rank<i>.log per process here (default: all to this terminal)")
+    local.add_argument("command", nargs=argparse.REMAINDER, help="the command, e.g. -- xlstm-eqx train --config ...")
+    local.set_defaults(fn=launch)
     count = commands.add_parser("params", help="print the parameter count of a config")
     count.add_argument("--config", required=True)
     count.add_argument("overrides", nargs="*")
@@ -59,11 +99,30 @@ def main(argv: list[str] | None = None) -> int:
     to_records.add_argument("--text-field", default="text", help="JSONL field holding the document text")
     to_records.set_defaults(fn=convert)
     args = parser.parse_args(argv)
+    args.multi_process = False
     try:
-        return args.fn(args)
-    except (ConfigError, CheckpointError, LogPathError, FileNotFoundError, KeyError, ValueError) as error:
+        return _exit(args, args.fn(args))
+    except (ConfigError, CheckpointError, LogPathError, DistributedError, FileNotFoundError, KeyError,
+            ValueError) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _exit(args, 2)
+    except BaseException:
+        if not args.multi_process:
+            raise
+        import jax
+
+        logging.getLogger("xlstm_eqx").exception("process %d of the run failed", jax.process_index())
+        return _exit(args, 1)
+
+
+def _exit(args: argparse.Namespace, code: int) -> int:
+    """A failed process of a multi-process run leaves at once: JAX's exit handler would wait up to the shutdown
+    timeout for peers that may be blocked in a collective with it. The others notice within the heartbeat timeout."""
+    if args.multi_process and code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ class BatchIterator:
     via ``jax.make_array_from_process_local_data``: each process contributes exactly the rows it loaded.
     ``num_batches`` (evaluation) appends all-padding batches (loss_mask False, indices 0) once the data runs out,
     so that every process yields the same number of batches; more real batches than that is an error.
+    ``global_rows``: every process loads the whole global batch (the same rows everywhere, e.g. scoring requests
+    that all processes know) and places only the rows its devices hold.
     """
 
     def __init__(
@@ -30,8 +32,9 @@ class BatchIterator:
         sharding: Any = None,
         num_batches: int | None = None,
         padding: dict[str, np.ndarray] | None = None,
+        global_rows: bool = False,
     ):
-        self.dataset, self.indexed, self.sharding = dataset, indexed, sharding
+        self.dataset, self.indexed, self.sharding, self.global_rows = dataset, indexed, sharding, global_rows
         self.num_batches, self._padding = num_batches, padding
         self._iterator = iter(dataset)
         self._count = 0
@@ -45,7 +48,7 @@ class BatchIterator:
         sharding = self.sharding
         if x.ndim == 1 and len(sharding.spec) > 1:  # per-row index fields: shard the rows only
             sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
-        return jax.make_array_from_process_local_data(sharding, x)
+        return jax.make_array_from_process_local_data(sharding, x, x.shape if self.global_rows else None)
 
     def __next__(self) -> Batch | IndexedBatch:
         try:

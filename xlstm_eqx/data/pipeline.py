@@ -16,10 +16,14 @@ in a row from 1 (0 = padding), ``loss_mask`` is True exactly on real targets. Th
 example: documents [1,2,3], [4,5] in 8 slots give inputs ``E 1 2 3 E 4 5 0``, targets ``1 2 3 E 4 5 E 0``, segment
 ids ``1 1 1 1 2 2 2 0``, positions ``0 1 2 3 0 1 2 0``.
 
-Order: source → this process's slice ``[process_index::process_count]`` → per-epoch shuffle (a fresh
-permutation each epoch, seeded) → repeat → tokenise → split → pack → rows → batch of ``global / process_count``
-rows (a final partial batch is padded with all-masked rows) → optional ``mp_prefetch`` workers. The iterator state
-(``get_state()``) is a JSON-able dict; ``set_state`` resumes exactly, with workers too.
+Training order: source → per-epoch shuffle (a fresh permutation each epoch, seeded) → repeat → this process's
+slice ``[process_index::process_count]`` of that one global document stream → tokenise → split → pack → rows →
+batch of ``global / process_count`` rows (a final partial batch is padded with all-masked rows) → optional
+``mp_prefetch`` workers. Slicing after the shuffle makes the processes' documents at each step the same ones one
+process would read: with documents that fill one row each, the union of the local batches is the
+single-process global batch. Evaluation slices the documents in corpus order (document ``i`` to process
+``i % process_count``). The iterator state (``get_state()``) is a JSON-able dict; ``set_state`` resumes exactly,
+with workers too.
 """
 
 from __future__ import annotations
@@ -174,18 +178,19 @@ class _PadBatch:
         return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
-def _documents(source: Any, config: DataConfig, indexed: bool) -> grain.MapDataset:
+def _documents(source: Any, config: DataConfig, indexed: bool, stream: bool = False) -> grain.MapDataset:
+    """This process's documents; ``stream``: of the shuffled, repeated training stream, else of the corpus."""
     if len(source) == 0:
         raise ValueError("empty corpus: the document source has no documents")
     ds = grain.MapDataset.source(source)
     if indexed:
         ds = ds.map_with_index(_with_index)  # global document numbers, taken before the process slice
-    ds = ds[config.process_index :: config.process_count]
-    if len(ds) == 0:
-        raise ValueError(
-            f"process {config.process_index} of {config.process_count} gets no documents from a corpus of {len(source)}"
-        )
-    return ds
+    if stream:
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.seed)  # before repeat: a fresh permutation every epoch, each document once
+        ds = ds.repeat(config.num_epochs)
+    # may be empty for a small evaluation corpus and many processes: the loader then yields padding batches
+    return ds[config.process_index :: config.process_count]
 
 
 def _read_options(config: DataConfig) -> grain.ReadOptions:
@@ -219,10 +224,8 @@ def train_dataset(source: Any, tokenizer: Any, config: DataConfig, eod_id: int |
     ``encode_batch(texts)`` and ``eod_id`` (may be None for pre-tokenised sources if ``eod_id`` is given).
     """
     eod = _eod(tokenizer, eod_id)
-    ds = _documents(source, config, indexed=False)
-    if config.shuffle:
-        ds = ds.shuffle(seed=config.seed)  # before repeat: a fresh permutation every epoch, each document once
-    ds = ds.repeat(config.num_epochs).map(_Tokenize(tokenizer)).to_iter_dataset(_read_options(config))
+    ds = _documents(source, config, indexed=False, stream=True)
+    ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset(_read_options(config))
     ds = grain.experimental.FlatMapIterDataset(ds, _SplitDocument(config.seq_len, eod))
     lengths = {key: config.seq_len for key in ("inputs", "targets", "positions")}
     if config.mode == "pack":

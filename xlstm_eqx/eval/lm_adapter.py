@@ -19,11 +19,13 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from lm_eval.api.model import TemplateLM
 
 from ..data.tokenizer import Tokenizer, check_fits_model
 from ..models.generate import generate_jit
+from ..parallel.distributed import initialize, resolve
 from .scoring import Scorer, ScoringSettings
 
 # Role-tagged plain text: the bundled model was not chat-tuned, so any template is only a prompt format.
@@ -83,6 +85,8 @@ class XlstmEqxLM(TemplateLM):
         from .lm_eval_run import NO_FORK, lm_from_checkpoint
 
         os.environ.update(NO_FORK)  # lm-eval's CLI process now runs JAX: its stderr bootstrap must not fork
+        if not jax.distributed.is_initialized():  # one process of a multi-process run (XLSTM_EQX_* or SLURM)?
+            initialize(resolve())
         args = dict(arg_dict)
         if "checkpoint" not in args:
             raise ValueError(f"--model_args needs checkpoint=RUN_DIR (got {sorted(args) or 'nothing'})")
@@ -164,7 +168,7 @@ class XlstmEqxLM(TemplateLM):
                 self.model, jnp.asarray(prompt, jnp.int32), max_tokens, key=jax.random.fold_in(self._key, index),
                 temperature=temperature, top_k=top_k, top_p=top_p, eod_id=self.eot_token_id,
             )  # fmt: skip
-            tokens = [int(t) for t in jax.device_get(tokens)]
+            tokens = [int(t) for t in multihost_utils.process_allgather(tokens, tiled=True)]
             if self.eot_token_id in tokens:
                 tokens = tokens[: tokens.index(self.eot_token_id)]
             text = self.tok_decode(tokens)

@@ -15,6 +15,7 @@ from typing import Any
 from unittest import mock
 
 import equinox as eqx
+import jax
 from jax.sharding import Mesh
 
 from ..config import MeshConfig, from_dict
@@ -136,7 +137,9 @@ def run_lm_eval(lm: XlstmEqxLM, config: LMEvalConfig, *, output_dir: str | Path 
             random_seed=config.seed, numpy_random_seed=config.seed, fewshot_random_seed=config.seed,
         )  # fmt: skip
     results = {task: dict(values) for task, values in evaluated["results"].items()}
-    LOGGER.info("lm-eval results:\n%s", make_table(evaluated))
+    main = jax.process_index() == 0  # every process ran the same requests; process 0 reports and writes
+    if main:
+        LOGGER.info("lm-eval results:\n%s", make_table(evaluated))
     metrics = flatten_results(results)
     for task, (total, tokens) in lm.token_loglikelihoods.items():
         if tokens and task in results:
@@ -144,6 +147,7 @@ def run_lm_eval(lm: XlstmEqxLM, config: LMEvalConfig, *, output_dir: str | Path 
     saved = None
     if config.write_out:
         saved = Path(output_dir)
+    if config.write_out and main:
         tracker = EvaluationTracker(output_path=str(saved / "results.json"))
         samples = evaluated.pop("samples")
         tracker.save_results_aggregated(results=evaluated, samples=samples)
@@ -186,23 +190,27 @@ def lm_from_checkpoint(
     checkpoint: str | Path,
     step: int | str = "latest",
     tokenizer: str | None = None,
-    data: int = 1,
+    data: int | None = None,
     fsdp: int = 1,
     **fields: Any,
 ) -> XlstmEqxLM:
     """The adapter for a saved model: ``checkpoint`` is a run directory (or its ``checkpoints`` folder), ``step``
-    ``latest`` / ``best`` / a number; evaluated on a ``data`` × ``fsdp`` mesh of local devices (default one).
+    ``latest`` / ``best`` / a number; evaluated on a ``data`` × ``fsdp`` mesh (default: one device, or all
+    devices of a multi-process run, where every process runs the same tasks and process 0 writes the results).
     ``fields`` are :class:`LMEvalConfig` settings (e.g. ``batch_size``, ``use_infinite_eval``); the run's own
     sequence length, evaluation batch size and tokenizer fill in the rest."""
     config = from_dict(LMEvalConfig, {**fields, **({"tokenizer_path": tokenizer} if tokenizer else {})})
-    loaded = load_from_checkpoint(checkpoint, step, mesh=MeshConfig(data=data, fsdp=fsdp))
+    if data is None:
+        data = -1 if jax.process_count() > 1 else 1
+    loaded = load_from_checkpoint(checkpoint, step, mesh=MeshConfig(data=int(data), fsdp=int(fsdp)))
     run = loaded.config
     tokenizer = load_tokenizer(config, run.data.tokenizer)
     check_tokenizer_matches(tokenizer, loaded.meta.get("tokenizer"), checkpoint)
     mesh = make_mesh(run.mesh)
     return build_lm(
         loaded.model, tokenizer, config, context_length=run.data.seq_len,
-        batch_size=_default_batch_size(run.data.eval_batch_size or run.data.global_batch_size, data * fsdp),
+        batch_size=_default_batch_size(run.data.eval_batch_size or run.data.global_batch_size,
+                                       mesh.shape["data"] * mesh.shape["fsdp"]),  # fmt: skip
         mesh=mesh, fsdp_min_weight_size=run.mesh.fsdp_min_weight_size,
     )  # fmt: skip
 

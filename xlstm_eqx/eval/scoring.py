@@ -11,6 +11,7 @@ metrics (``single_noreduce_wcount``), are concatenated on the host once per batc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Float
 
@@ -133,6 +135,7 @@ class Scorer:
                 rows.extend(window_rows(tokens, len(context), self.settings.window, index + 1))
         if not rows:
             return []
+        _check_same_requests(requests)
         settings = self.settings
         source = RowBatches(rows, settings.batch_size, "multiple" if recurrent else "power_of_two",
                             settings.chunk_size if recurrent else settings.window)  # fmt: skip
@@ -148,7 +151,18 @@ class Scorer:
         settings = self.settings
         dataset = grain.MapDataset.source(source).to_iter_dataset()
         dataset = with_workers(dataset, settings.worker_count, settings.worker_buffer_size)
-        return BatchIterator(dataset, indexed=True, sharding=self.sharding)
+        # every process builds all rows from the same requests and places its own part (no data exchange)
+        return BatchIterator(dataset, indexed=True, sharding=self.sharding, global_rows=True)
+
+
+def _check_same_requests(requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
+    """In a multi-process run every process scores the same requests (each runs the same lm-eval tasks, process
+    0's output is the one written): a fingerprint check turns a divergence into an error instead of a hang or
+    mixed results."""
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256(repr([(list(c), list(t)) for c, t in requests]).encode()).digest()
+    multihost_utils.assert_equal(np.frombuffer(digest, np.uint8), "the processes were given different scoring requests")
 
 
 def _run(step: Any, state: TrainState, batches: Iterable[Any]) -> dict[str, Any]:
@@ -157,5 +171,5 @@ def _run(step: Any, state: TrainState, batches: Iterable[Any]) -> dict[str, Any]
     for indexed in batches:
         metrics = step(state, indexed.batch, None)
         aggregated = aggregate_host(aggregated, to_host(metrics), ROW_MODES)
-        documents.append(np.asarray(jax.device_get(indexed.document_index)))
+        documents.append(np.asarray(multihost_utils.process_allgather(indexed.document_index, tiled=True)))
     return {**(aggregated or {}), "document_idx_single_noreduce": np.concatenate(documents)}

@@ -19,6 +19,7 @@ from ..data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, check_fits_model
 from ..io.checkpoint import Checkpointer
 from ..models import build
 from ..parallel import make_mesh
+from ..parallel.distributed import allgather_json
 from ..train import abstract_state, build_optimizer, build_schedule, init, make_eval_step, make_train_step
 from .events import Event, Hook
 from .fit import fit, plan_steps
@@ -36,6 +37,21 @@ def _check_monitor(config: Config, has_validation: bool) -> None:
             f"{config.checkpoint.monitor!r} is a validation metric, but this run never validates "
             "(no validation data, or both loop.check_val_every_n_* ≤ 0)",
         )
+
+
+def _resume_stream(stream: Any, saved: dict[str, Any], step: int, logger: RunLogger) -> None:
+    """Puts this process's training stream where it was at ``step``. The checkpoint holds the stream state of
+    every process that wrote it; with a different process count the slices differ, so the stream restarts."""
+    if "processes" not in saved:  # written before per-process states were stored: one process
+        saved = {"process_count": 1, "processes": [saved]}
+    if saved["process_count"] == jax.process_count():
+        stream.set_state(saved["processes"][jax.process_index()])
+        return
+    logger.warning(
+        "the checkpoint of step %d was written by %d processes and this run has %d: the model, optimizer and step "
+        "are restored exactly, but the data stream starts again from its beginning",
+        step, saved["process_count"], jax.process_count(),
+    )  # fmt: skip
 
 
 def _lm_eval_hook(config: Config, static: Any, mesh: Any, run_dir: Path, latest: dict[str, float]) -> Hook:
@@ -93,7 +109,7 @@ def train_job(
             found = checkpointer.restore_latest_valid(target, check_meta=model_config_check(config, run_dir))
             if found is not None:
                 resumed, state, meta = found
-                data.train.set_state(meta["data_state"])
+                _resume_stream(data.train, meta["data_state"], resumed, logger)
                 logger.info("resuming from the checkpoint of step %d in %s", resumed, checkpointer.directory)
         if state is None:
             state, static = init(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
@@ -107,7 +123,7 @@ def train_job(
                 "step": event.step,
                 "epoch": event.epoch,
                 "total_steps": total,
-                "data_state": event.data_state,
+                "data_state": {"process_count": jax.process_count(), "processes": allgather_json(event.data_state)},
                 "metrics": scalars,
                 "tokenizer": tokenizer_meta,
             }

@@ -11,11 +11,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from ..config.run import DataSection
 from ..data.corpus import default_corpus
-from ..data.loader import BatchIterator, eval_batches, train_batches
+from ..data.loader import BatchIterator, eval_batches, eval_num_batches, train_batches
 from ..data.pipeline import DataConfig, train_dataset
 from ..data.sources import open_documents
 from ..data.tokenizer import Tokenizer
@@ -62,10 +63,13 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
     sharding = NamedSharding(mesh, batch_spec(2))
     train_source = open_documents(train_paths)
     one_pass = train_dataset(train_source, tokenizer, _data_config(section, section.global_batch_size, num_epochs=1))
-    batches, counts = 0, Counter()
+    batches, counts = 0, np.zeros(tokenizer.vocab_size, np.int64)
     for element in one_pass:
         batches += 1
-        counts.update(element["targets"][element["loss_mask"]].tolist())
+        found = np.bincount(element["targets"][element["loss_mask"]], minlength=len(counts))
+        counts = np.pad(counts, (0, len(found) - len(counts))) + found  # pre-tokenised ids may pass the vocab
+    # Each process counted its own slice of the epoch: the epoch is as long as the busiest slice.
+    batches, counts = _over_processes(batches, counts)
     if batches == 0:
         raise ValueError(f"the training data {train_paths} yields no batches")
     train = train_batches(train_source, tokenizer, _data_config(section, section.global_batch_size), sharding=sharding)
@@ -75,11 +79,24 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
         if not paths:
             return None
         source = open_documents(paths)
+        # every process must run the same number of (collective) eval steps, padding when its slice is shorter
+        count = eval_num_batches(source, tokenizer, eval_config) if jax.process_count() > 1 else None
         return lambda: itertools.islice(
-            eval_batches(source, tokenizer, eval_config, sharding=sharding), section.val_max_batches
+            eval_batches(source, tokenizer, eval_config, sharding=sharding, num_batches=count), section.val_max_batches
         )
 
-    return RunData(train, eval_set(val_paths), eval_set(test_paths), batches, counts)
+    token_counts = Counter({int(t): int(c) for t, c in enumerate(counts) if c})
+    return RunData(train, eval_set(val_paths), eval_set(test_paths), batches, token_counts)
+
+
+def _over_processes(batches: int, counts: np.ndarray) -> tuple[int, np.ndarray]:
+    """(max batches, summed token counts) over all processes; unchanged in a single process."""
+    if jax.process_count() == 1:
+        return batches, counts
+    longest = int(np.max(multihost_utils.process_allgather(np.asarray(len(counts)))))
+    counts = np.pad(counts, (0, longest - len(counts)))
+    gathered = multihost_utils.process_allgather({"batches": np.asarray(batches), "counts": counts})
+    return int(np.max(gathered["batches"])), np.sum(gathered["counts"], axis=0)
 
 
 def unigram_perplexity(train_counts: Counter, batches: Iterable[Any], vocab_size: int) -> float:
@@ -92,7 +109,10 @@ def unigram_perplexity(train_counts: Counter, batches: Iterable[Any], vocab_size
     scored, nll = 0, 0.0
     for batch in batches:
         inner = getattr(batch, "batch", batch)
-        targets = np.asarray(jax.device_get(inner.targets))[np.asarray(jax.device_get(inner.loss_mask))]
+        # the whole global batch on every process (a multi-process batch is not addressable as a whole)
+        targets, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                         for x in (inner.targets, inner.loss_mask))  # fmt: skip
+        targets = targets[mask]
         nll -= float(log_prob[targets].sum())
         scored += targets.size
     return math.exp(nll / max(scored, 1))
