@@ -88,7 +88,7 @@ def start_ranks(command: Sequence[str], num_processes: int, port: int, *, cpu_de
     return procs
 
 
-def stop_ranks(procs: Sequence[subprocess.Popen], grace_s: float = 2.0) -> None:
+def stop_ranks(procs: Sequence[subprocess.Popen], grace_s: int | float = 2.0) -> None:
     """SIGTERM to every still running rank's process group, then SIGKILL after ``grace_s``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for proc in procs:
@@ -115,7 +115,7 @@ class LaunchResult:
         return all(rc == 0 for rc in self.returncodes)
 
 
-def supervise(procs: Sequence[subprocess.Popen], timeout_s: float | None = None) -> str:
+def supervise(procs: Sequence[subprocess.Popen], timeout_s: int | float | None = None) -> str:
     """Waits until every rank has exited; stops all of them at the first non-zero exit or at the deadline.
     Returns what ended the run."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -134,7 +134,7 @@ def supervise(procs: Sequence[subprocess.Popen], timeout_s: float | None = None)
 
 
 def launch_local(command: Sequence[str], num_processes: int, *, cpu_devices: int | None = None,
-                 timeout_s: float | None = None, log_dir: str | Path | None = None,
+                 timeout_s: int | float | None = None, log_dir: str | Path | None = None,
                  env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
                  port_attempts: int = 3) -> LaunchResult:  # fmt: skip
     """Runs ``command`` as ``num_processes`` ranks of one run on this machine and supervises them. Retries on
@@ -152,4 +152,3 @@ def launch_local(command: Sequence[str], num_processes: int, *, cpu_devices: int
         if not busy or attempt == port_attempts - 1:
             return result
     raise AssertionError("unreachable")
-
