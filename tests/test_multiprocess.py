@@ -82,8 +82,8 @@ def train_command(*args: str) -> list[str]:
             "--sample-tokens", "0", "--heartbeat-timeout", "10", "--initialization-timeout", "60", *args]  # fmt: skip
 
 
-def launch(run_dir: Path, processes: int, devices: int, args: list[str], timeout_s: float = 240):
-    result = launch_local(train_command(*args), processes, cpu_devices=devices, timeout_s=timeout_s,
+def launch(run_dir: Path, processes: int, devices: int, args: list[str], *flags: str, timeout_s: float = 240):
+    result = launch_local(train_command(*flags, *args), processes, cpu_devices=devices, timeout_s=timeout_s,
                           log_dir=run_dir / f"ranks_{processes}x{devices}", cwd=ROOT)  # fmt: skip
     logs = {p.name: p.read_text() for p in (run_dir / f"ranks_{processes}x{devices}").glob("rank*.log")}
     assert result.ok, f"{result.reason}\n" + "\n".join(f"--- {k}\n{v[-3000:]}" for k, v in sorted(logs.items()))
@@ -117,8 +117,9 @@ def single_run(documents, tmp_path_factory) -> Path:
 def test_two_processes_train_resume_and_evaluate_like_one(documents, single_run, tmp_path):
     run_dir = tmp_path / "two"
     launch(run_dir, 2, 2, overrides(documents, run_dir, 4))  # stops at step 4 (a checkpoint) ...
-    logs = launch(run_dir, 2, 2, overrides(documents, run_dir, 8, test=True))  # ... and resumes to 8, then tests
+    logs = launch(run_dir, 2, 2, overrides(documents, run_dir, 8, test=True), "--sample-tokens", "4")  # resumes
     assert summary(logs["rank0.log"])["resumed_from_step"] == 4
+    assert "--- sample (4 tokens" in logs["rank0.log"]  # sampled on all processes (the weights span both)
     for mode in ("train", "val", "test"):
         ours, reference = rows(run_dir, mode), rows(single_run, mode)
         assert sorted(ours) == sorted(reference) and ours, mode

@@ -172,7 +172,7 @@ def train_job(
             summary["unigram_val_perplexity"] = unigram_perplexity(
                 data.train_token_counts, data.validation(), config.model.vocab_size
             )
-        if sample_tokens > 0 and jax.process_index() == 0:
+        if sample_tokens > 0:  # on every process: the weights span all of them
             from ..models.generate import sample_text
 
             model = eqx.combine(result.state.params, static)

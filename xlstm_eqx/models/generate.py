@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..data.tokenizer import Tokenizer, check_fits_model
@@ -221,4 +222,5 @@ def sample_text(
         top_k=top_k,
         eod_id=tokenizer.eod_id,
     )
-    return tokenizer.decode(prompt_ids + np.asarray(tokens).tolist())
+    # a multi-process run samples on every process alike (the weights span all of them); gather the tokens
+    return tokenizer.decode(prompt_ids + np.asarray(multihost_utils.process_allgather(tokens, tiled=True)).tolist())
