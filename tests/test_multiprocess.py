@@ -236,7 +236,7 @@ def test_settings_come_from_flags_then_environment_then_slurm():
              "SLURM_LOCALID": "0"}  # fmt: skip
     assert resolve(environ=slurm).slurm and resolve(environ=slurm).process_id == 1
     assert not resolve(environ={**slurm, "SLURM_NTASKS": "1"}).multi_process
-    assert not resolve(environ={}).multi_process
+    assert not resolve(environ={}).multi_process and not resolve(num_processes=1, environ={}).multi_process
     assert resolve(environ={}, heartbeat_timeout_s=5).heartbeat_timeout_s == 5
     with pytest.raises(DistributedError, match="missing --coordinator-address"):
         resolve(num_processes=2, process_id=0, environ={})

@@ -110,6 +110,8 @@ def resolve(
             return DistributedConfig(slurm=True, bind_address=bind, num_processes=int(env["SLURM_NTASKS"]),
                                      process_id=int(env["SLURM_PROCID"]), **timeouts)  # fmt: skip
         return DistributedConfig(**timeouts)
+    if count == "1" and rank in (None, "0") and address is None:
+        return DistributedConfig(**timeouts)  # explicitly one process
     missing = [n for n, v in [("coordinator_address", address), ("num_processes", count), ("process_id", rank)]
                if v is None]  # fmt: skip
     if missing:
