@@ -150,11 +150,12 @@ def _run(run_dir, corpus_args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, corpus_args):
+@pytest.mark.parametrize("num_kills", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, corpus_args, num_kills):
     reference = _run(tmp_path / "reference", corpus_args)
     assert reference["status"] == "success" and reference["resumed_from_step"] is None
     rng = random.Random(1234)
-    kills = sorted(rng.sample(range(2, 23), 2))
+    kills = sorted(rng.sample(range(2, 23), num_kills))
     for at_step in kills:
         _run_and_kill(tmp_path / "killed", corpus_args, at_step)
     resumed = _run(tmp_path / "killed", corpus_args)
