@@ -8,7 +8,6 @@ float reduction-order noise (rtol 1e-5).
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -139,48 +138,27 @@ def test_two_processes_train_resume_and_evaluate_like_one(documents, single_run,
     assert "Traceback" not in logs["rank1.log"]
 
 
-def _slurm_port() -> tuple[int, object]:
-    """A free port in the range JAX derives from SLURM_JOB_ID, locked like the launcher's ports."""
-    import fcntl
-    import tempfile
-
-    lock_dir = Path(tempfile.gettempdir()) / "xlstm_eqx_ports"
-    lock_dir.mkdir(exist_ok=True)
-    for port in random.sample(range(61440, 65536), 200):
-        try:
-            check_port_free(f"127.0.0.1:{port}")
-        except DistributedError:
-            continue
-        lock = open(lock_dir / f"{port}.lock", "w")  # noqa: SIM115
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return port, lock
-        except BlockingIOError:
-            lock.close()
-    raise RuntimeError("no free port in the SLURM range")
-
-
 def test_one_process_checkpoint_resumes_as_two_slurm_tasks(documents, single_run, tmp_path):
     run_dir = tmp_path / "slurm"
     shutil.copytree(single_run / "checkpoints", run_dir / "checkpoints")
-    port, lock = _slurm_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("XLSTM_EQX_") and "_proxy" not in k.lower()}
-    slurm = {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
-             "XLSTM_EQX_BIND_ADDRESS": f"127.0.0.1:{port}", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
-             "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    slurm = {"SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2", "JAX_PLATFORMS": "cpu",
+             "JAX_NUM_CPU_DEVICES": "2", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     (run_dir / "ranks").mkdir()
     procs = []
-    try:
-        for rank in range(2):
-            env = {**base, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
-            command = train_command(*overrides(documents, run_dir, 10))
-            with open(run_dir / "ranks" / f"rank{rank}.log", "w") as out:
-                procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))  # fmt: skip
-        reason = supervise(procs, 240)
-    finally:
-        stop_ranks(procs)
-        lock.close()
+    # JAX derives the coordinator port from SLURM_JOB_ID: SLURM_JOB_ID % 4096 + 61440
+    with reserved_port(candidates=range(61440, 65536)) as port:
+        slurm.update(SLURM_JOB_ID=str(port - 61440), XLSTM_EQX_BIND_ADDRESS=f"127.0.0.1:{port}")
+        try:
+            for rank in range(2):
+                env = {**base, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+                command = train_command(*overrides(documents, run_dir, 10))
+                with open(run_dir / "ranks" / f"rank{rank}.log", "w") as out:
+                    procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                                  start_new_session=True))  # fmt: skip
+            reason = supervise(procs, 240)
+        finally:
+            stop_ranks(procs)
     log = (run_dir / "ranks" / "rank0.log").read_text()
     assert [p.returncode for p in procs] == [0, 0], f"{reason}\n{log[-3000:]}"
     assert "joining a run of 2 processes as process 0 via SLURM" in log

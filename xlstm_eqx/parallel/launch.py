@@ -1,7 +1,7 @@
 """Starting a multi-process run on this machine: N local processes joined over loopback.
 
-For trying the multi-process path on one host (each process with K fake CPU devices, or one GPU each) and for
-the tests. On several hosts, start one process per host yourself (or with SLURM); see the README.
+For trying the multi-process path on one host (each process with K fake CPU devices) and for the tests. On
+several hosts, start one process per host yourself (or with SLURM); see the README.
 
 The coordinator port is reserved per launch: a free port is picked by the kernel and an exclusive ``flock`` on
 ``<tmp>/xlstm_eqx_ports/<port>.lock`` is held until the run ends, so concurrent launches on the machine (e.g.
@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,15 +30,26 @@ from .distributed import ENV_PREFIX
 PORT_BUSY = "is already in use"  # in rank 0's error when its coordinator port was taken meanwhile
 
 
+def _bindable(port: int) -> int | None:
+    """``port`` (0: any free one) if it can be bound on 127.0.0.1 now, else None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
-def reserved_port(attempts: int = 50) -> Iterator[int]:
-    """A free loopback TCP port, locked against every other launch on this machine while the block runs."""
+def reserved_port(attempts: int = 50, candidates: Sequence[int] | None = None) -> Iterator[int]:
+    """A free loopback TCP port (any, or one of ``candidates``), locked against every other launch on this
+    machine while the block runs."""
     lock_dir = Path(tempfile.gettempdir()) / "xlstm_eqx_ports"
     lock_dir.mkdir(exist_ok=True)
     for _ in range(attempts):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = _bindable(0 if candidates is None else random.choice(candidates))
+        if port is None:
+            continue
         lock = open(lock_dir / f"{port}.lock", "w")  # noqa: SIM115 (held for the whole block)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
