@@ -168,5 +168,7 @@ class FeedForward(eqx.Module):
 
     def __call__(self, u: Float[Array, "*rows d"], tp_axis: str | None = None) -> Float[Array, "*rows d"]:
         """``tp_axis``: mesh axis over which the hidden features are split (None: not split)."""
-        hidden = jax.nn.silu(dense(self.proj_up_gate, u)) * dense(self.proj_up, u)
-        return row_parallel(self.proj_down, hidden, tp_axis)
+        # the gating in float32 from the products' accumulators (XLA:CPU emulates bfloat16 elementwise math)
+        acc = gate_dtype(u.dtype)
+        hidden = jax.nn.silu(dense(self.proj_up_gate, u, acc)) * dense(self.proj_up, u, acc)
+        return row_parallel(self.proj_down, hidden.astype(u.dtype), tp_axis)
