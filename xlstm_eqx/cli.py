@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+import jax
+
 from .config import ConfigError, load_config
 from .data.sources import convert_to_array_record
 from .io.checkpoint import CheckpointError
@@ -29,7 +31,6 @@ def train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     config = load_config(args.config, args.overrides)  # before joining: a bad config fails every rank alike
     initialize(distributed)
-    args.multi_process = distributed.multi_process
     summary = train_job(config, sample_prompt=args.prompt, sample_tokens=args.sample_tokens)
     sample = summary.pop("sample", None)
     if sample is not None:
@@ -99,26 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     to_records.add_argument("--text-field", default="text", help="JSONL field holding the document text")
     to_records.set_defaults(fn=convert)
     args = parser.parse_args(argv)
-    args.multi_process = False
     try:
-        return _exit(args, args.fn(args))
+        return _exit(args.fn(args))
     except (ConfigError, CheckpointError, LogPathError, DistributedError, FileNotFoundError, KeyError,
             ValueError) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
-        return _exit(args, 2)
+        return _exit(2)
     except BaseException:
-        if not args.multi_process:
+        if not jax.distributed.is_initialized():
             raise
-        import jax
-
         logging.getLogger("xlstm_eqx").exception("process %d of the run failed", jax.process_index())
-        return _exit(args, 1)
+        return _exit(1)
 
 
-def _exit(args: argparse.Namespace, code: int) -> int:
+def _exit(code: int) -> int:
     """A failed process of a multi-process run leaves at once: JAX's exit handler would wait up to the shutdown
     timeout for peers that may be blocked in a collective with it. The others notice within the heartbeat timeout."""
-    if args.multi_process and code != 0:
+    if code != 0 and jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -144,10 +144,8 @@ def run_lm_eval(lm: XlstmEqxLM, config: LMEvalConfig, *, output_dir: str | Path 
     for task, (total, tokens) in lm.token_loglikelihoods.items():
         if tokens and task in results:
             metrics[f"lmeval_{task}_token_perplexity"] = math.exp(-total / tokens)
-    saved = None
-    if config.write_out:
-        saved = Path(output_dir)
-    if config.write_out and main:
+    saved = Path(output_dir) if config.write_out else None
+    if saved is not None and main:
         tracker = EvaluationTracker(output_path=str(saved / "results.json"))
         samples = evaluated.pop("samples")
         tracker.save_results_aggregated(results=evaluated, samples=samples)

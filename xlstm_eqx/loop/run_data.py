@@ -20,6 +20,7 @@ from ..data.loader import BatchIterator, eval_batches, eval_num_batches, train_b
 from ..data.pipeline import DataConfig, train_dataset
 from ..data.sources import open_documents
 from ..data.tokenizer import Tokenizer
+from ..parallel.distributed import allgather_json
 from ..parallel.sharding import batch_spec
 
 
@@ -63,13 +64,14 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
     sharding = NamedSharding(mesh, batch_spec(2))
     train_source = open_documents(train_paths)
     one_pass = train_dataset(train_source, tokenizer, _data_config(section, section.global_batch_size, num_epochs=1))
-    batches, counts = 0, np.zeros(tokenizer.vocab_size, np.int64)
+    batches, counts = 0, Counter()
     for element in one_pass:
         batches += 1
-        found = np.bincount(element["targets"][element["loss_mask"]], minlength=len(counts))
-        counts = np.pad(counts, (0, len(found) - len(counts))) + found  # pre-tokenised ids may pass the vocab
+        counts.update(element["targets"][element["loss_mask"]].tolist())
     # Each process counted its own slice of the epoch: the epoch is as long as the busiest slice.
-    batches, counts = _over_processes(batches, counts)
+    per_process = allgather_json([batches, counts])  # (JSON turns the token keys into strings)
+    batches = max(found for found, _ in per_process)
+    counts = sum((Counter({int(t): c for t, c in found.items()}) for _, found in per_process), Counter())
     if batches == 0:
         raise ValueError(f"the training data {train_paths} yields no batches")
     train = train_batches(train_source, tokenizer, _data_config(section, section.global_batch_size), sharding=sharding)
@@ -85,18 +87,7 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
             eval_batches(source, tokenizer, eval_config, sharding=sharding, num_batches=count), section.val_max_batches
         )
 
-    token_counts = Counter({int(t): int(c) for t, c in enumerate(counts) if c})
-    return RunData(train, eval_set(val_paths), eval_set(test_paths), batches, token_counts)
-
-
-def _over_processes(batches: int, counts: np.ndarray) -> tuple[int, np.ndarray]:
-    """(max batches, summed token counts) over all processes; unchanged in a single process."""
-    if jax.process_count() == 1:
-        return batches, counts
-    longest = int(np.max(multihost_utils.process_allgather(np.asarray(len(counts)))))
-    counts = np.pad(counts, (0, longest - len(counts)))
-    gathered = multihost_utils.process_allgather({"batches": np.asarray(batches), "counts": counts})
-    return int(np.max(gathered["batches"])), np.sum(gathered["counts"], axis=0)
+    return RunData(train, eval_set(val_paths), eval_set(test_paths), batches, counts)
 
 
 def unigram_perplexity(train_counts: Counter, batches: Iterable[Any], vocab_size: int) -> float:

@@ -151,16 +151,15 @@ def launch_local(command: Sequence[str], num_processes: int, *, cpu_devices: int
                  port_attempts: int = 3) -> LaunchResult:  # fmt: skip
     """Runs ``command`` as ``num_processes`` ranks of one run on this machine and supervises them. Retries on
     a fresh port if rank 0 found its reserved port taken by another program (only checkable with ``log_dir``)."""
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be ≥ 1, got {num_processes}")
-    for attempt in range(port_attempts):
+    if num_processes < 1 or port_attempts < 1:
+        raise ValueError(f"num_processes and port_attempts must be ≥ 1, got {num_processes}, {port_attempts}")
+    for _ in range(port_attempts):
         with reserved_port() as port:
             procs = start_ranks(command, num_processes, port, cpu_devices=cpu_devices, log_dir=log_dir, env=env,
                                 cwd=cwd)  # fmt: skip
             reason = supervise(procs, timeout_s)
         result = LaunchResult([p.returncode for p in procs], reason, port)
         rank0_log = Path(log_dir) / "rank0.log" if log_dir is not None else None
-        busy = rank0_log is not None and not result.ok and PORT_BUSY in rank0_log.read_text(errors="replace")
-        if not busy or attempt == port_attempts - 1:
-            return result
-    raise AssertionError("unreachable")
+        if result.ok or rank0_log is None or PORT_BUSY not in rank0_log.read_text(errors="replace"):
+            break
+    return result
