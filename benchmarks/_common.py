@@ -33,6 +33,10 @@ from typing import Any, NamedTuple
 
 import jax
 
+from xlstm_eqx import configure_host_memory
+
+# Every benchmark process (children inherit $XLSTM_EQX_HOST_MEMORY) runs under the policy `xlstm-eqx train` uses.
+HOST_MEMORY = configure_host_memory()
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles = {"count": 0, "seconds": 0.0}
 _listener_installed = False
@@ -58,6 +62,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
+        "host_memory": HOST_MEMORY,
     }
 
 

@@ -2,6 +2,7 @@
 
 from . import config, data, models, parallel, train
 from .config import Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from .host_memory import configure_host_memory
 from .parallel import make_mesh
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "config",
+    "configure_host_memory",
     "data",
     "load_config",
     "make_mesh",

@@ -13,6 +13,7 @@ import jax
 
 from .config import ConfigError, load_config
 from .data.sources import convert_to_array_record
+from .host_memory import configure_host_memory
 from .io.checkpoint import CheckpointError
 from .loop.logger import LogPathError
 from .models import count_params
@@ -24,6 +25,7 @@ def train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("xlstm_eqx").setLevel(logging.INFO)
+    configure_host_memory()  # $XLSTM_EQX_HOST_MEMORY=release opts out
     distributed = resolve(
         coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id,
         initialization_timeout_s=args.initialization_timeout, heartbeat_timeout_s=args.heartbeat_timeout,

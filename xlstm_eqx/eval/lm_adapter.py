@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from lm_eval.api.model import TemplateLM
 
 from ..data.tokenizer import Tokenizer, check_fits_model
+from ..host_memory import configure_host_memory
 from ..models.generate import generate_jit
 from ..parallel.distributed import initialize, resolve
 from .scoring import Scorer, ScoringSettings
@@ -85,6 +86,7 @@ class XlstmEqxLM(TemplateLM):
         from .lm_eval_run import NO_FORK, lm_from_checkpoint
 
         os.environ.update(NO_FORK)  # lm-eval's CLI process now runs JAX: its stderr bootstrap must not fork
+        configure_host_memory()  # this is lm-eval's own CLI process: the policy `xlstm-eqx train` applies
         if not jax.distributed.is_initialized():  # one process of a multi-process run (XLSTM_EQX_* or SLURM)?
             initialize(resolve())
         args = dict(arg_dict)
