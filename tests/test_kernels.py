@@ -15,7 +15,6 @@ import pytest
 from jaxtyping import TypeCheckError
 
 from xlstm_eqx.models.kernels import MLSTMState, chunkwise, parallel, recurrent, recurrent_step
-from xlstm_eqx.models.kernels.common import pairwise_log_decay, prefix_sums
 
 DK, DV = 8, 6
 
@@ -168,28 +167,3 @@ def test_wrong_shapes_fail_with_named_dimension(getkey):
     q, k, v, i, f, _, _ = make_inputs(getkey(), 10)
     with pytest.raises(TypeCheckError, match="parameter 'k'"):
         parallel(q, k[:, :3], v, i, f)
-
-
-def test_pairwise_decay_is_accurate_for_saturated_gates(getkey):
-    """Differences of long prefix sums keep float32 accuracy of their own size (plain cumsums lose it)."""
-    lf = jnp.where(jax.random.bernoulli(getkey(), 0.5, (256,)), -30.0, -1e-3).astype(jnp.float32)
-    sums = prefix_sums(lf)
-    exact = np.cumsum(np.asarray(lf, np.float64))
-    expected = exact[:, None] - exact[None, :]
-    lower = np.tril(np.ones((256, 256), bool))
-    got = np.asarray(pairwise_log_decay(sums), np.float64)
-    relative = np.abs(got - expected)[lower] / np.maximum(np.abs(expected[lower]), 1e-3)
-    assert relative.max() < 4 * np.finfo(np.float32).eps
-    naive = np.asarray(jnp.cumsum(lf), np.float64)
-    naive_relative = np.abs(naive[:, None] - naive[None, :] - expected)[lower] / np.maximum(
-        np.abs(expected[lower]), 1e-3
-    )
-    assert naive_relative.max() > 100 * relative.max(), "test premise: plain prefix sums cancel catastrophically"
-
-
-def test_prefix_sums_gradient_is_the_plain_cumsum_gradient(getkey):
-    x = jax.random.normal(getkey(), (3, 17))
-    weights = jax.random.normal(getkey(), (3, 17, 17))
-    loss = lambda x: jnp.sum(weights * pairwise_log_decay(prefix_sums(x)))  # noqa: E731
-    plain = lambda x: jnp.sum(weights * (jnp.cumsum(x, -1)[..., :, None] - jnp.cumsum(x, -1)[..., None, :]))  # noqa: E731
-    np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(plain)(x), rtol=1e-5, atol=1e-5)

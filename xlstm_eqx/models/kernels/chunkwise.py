@@ -15,7 +15,6 @@ from .common import (
     accumulation_dtype,
     log_forget,
     pairwise_log_decay,
-    prefix_sums,
     read_out,
     resets_so_far,
     vary_like,
@@ -62,11 +61,11 @@ def _run_chunks(q, k, v, i_preact, f_preact, reset, state: MLSTMState, eps: floa
     lf = log_forget(f_preact)
     neg_inf = jnp.array(-jnp.inf, acc)
 
-    # Log decay from chunk start through τ, and from after τ to the chunk end (compensated sums; lf ≤ 0).
-    sums = prefix_sums(lf)
-    hi, lo = sums
-    decay_from_start = hi + lo
-    decay_to_end = (hi[:, -1:] - hi) + (lo[:, -1:] - lo)
+    # Log decay from chunk start through τ, and from after τ to the chunk end (direct sums; lf ≤ 0).
+    decay_from_start = jnp.cumsum(lf, axis=-1)
+    decay_to_end = jnp.concatenate(
+        [jnp.flip(jnp.cumsum(jnp.flip(lf[:, 1:], -1), -1), -1), jnp.zeros((n_chunks, 1), acc)], axis=-1
+    )
     chunk_decay = decay_from_start[:, -1]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     if reset is None:
@@ -98,7 +97,7 @@ def _run_chunks(q, k, v, i_preact, f_preact, reset, state: MLSTMState, eps: floa
     final, starts = lax.scan(advance, state, (chunk_decay, write_max, delta_C, delta_n))
 
     # 3) Outputs inside each chunk from its starting state plus the intra-chunk interactions.
-    log_d = jnp.where(visible, pairwise_log_decay(sums) + i_preact[:, None, :], neg_inf)
+    log_d = jnp.where(visible, pairwise_log_decay(lf) + i_preact[:, None, :], neg_inf)
     carry_log = decay_from_start + starts.m[:, None]
     if carry_in is not None:
         carry_log = jnp.where(carry_in, carry_log, neg_inf)

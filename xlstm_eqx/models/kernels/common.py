@@ -80,42 +80,13 @@ def resets_so_far(reset: Array, axis: int = -1) -> Array:
     return jnp.cumsum(reset.astype(jnp.int32), axis=axis)
 
 
-def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
-    """fl(a + b) and its rounding error, exactly: a + b = s + e (Knuth's branch-free TwoSum)."""
-    s = a + b
-    b_part = s - a
-    return s, (a - (s - b_part)) + (b - b_part)
+def pairwise_log_decay(lf: Float[Array, "*c t"]) -> Float[Array, "*c t t"]:
+    """out[τ, σ] = Σ_{σ<j≤τ} lf_j for τ ≥ σ (0 above the diagonal; callers mask it).
 
-
-@jax.custom_jvp
-def prefix_sums(x: Float[Array, "*c t"]) -> tuple[Float[Array, "*c t"], Float[Array, "*c t"]]:
-    """Inclusive prefix sums along the last axis as unevaluated pairs hi + lo ("double-float").
-
-    hi is an ordinary float sum; lo collects every rounding error of it, so hi + lo is the exact prefix sum to
-    about ε² of the running magnitude. A difference of two prefix sums, (hi_a - hi_b) + (lo_a - lo_b), is then
-    accurate to ε of *its own* size, where hi_a - hi_b alone carries the rounding error of the large running sums
-    (catastrophic when saturated forget gates add ≈ -30 per step and the difference is tiny). O(t log t) work.
-    Differentiating gives d hi = cumsum(dx) and d lo = 0 (lo is rounding error, not a function of x).
+    Summed directly column by column rather than as a difference of global cumulative sums, which
+    cancels catastrophically in float32 when gates are saturated (lf ≈ -30 per step).
     """
-
-    def combine(left, right):
-        total, error = _two_sum(left[0], right[0])
-        return total, error + left[1] + right[1]
-
-    return lax.associative_scan(combine, (x, jnp.zeros_like(x)), axis=x.ndim - 1)
-
-
-@prefix_sums.defjvp
-def _prefix_sums_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return prefix_sums(x), (jnp.cumsum(dx, axis=-1), jnp.zeros_like(dx))
-
-
-def pairwise_log_decay(sums: tuple[Float[Array, "*c t"], Float[Array, "*c t"]]) -> Float[Array, "*c t t"]:
-    """out[τ, σ] = Σ_{σ<j≤τ} lf_j for τ ≥ σ from ``sums = prefix_sums(lf)`` (callers mask τ < σ).
-
-    Accurate to float rounding of each entry even when gates are saturated (lf ≈ -30 per step), with no (t, t)
-    cumulative sum, forward or backward.
-    """
-    hi, lo = sums
-    return (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
+    t = lf.shape[-1]
+    strictly_lower = jnp.tril(jnp.ones((t, t), dtype=bool), k=-1)
+    terms = jnp.where(strictly_lower, lf[..., :, None], jnp.zeros((), lf.dtype))
+    return jnp.cumsum(terms, axis=-2)

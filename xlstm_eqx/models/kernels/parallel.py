@@ -10,7 +10,6 @@ from .common import (
     accumulation_dtype,
     log_forget,
     pairwise_log_decay,
-    prefix_sums,
     read_out,
     resets_so_far,
     zero_state,
@@ -48,9 +47,8 @@ def parallel(
         visible = causal & (count[:, None] == count[None, :])
         carry_visible = count == 0
 
-    sums = prefix_sums(lf)
-    log_d = jnp.where(visible, pairwise_log_decay(sums) + i_preact[None, :], neg_inf)
-    carry_log_scale = (sums[0] + sums[1]) + state.m  # log-scale of the initial state seen from row t
+    log_d = jnp.where(visible, pairwise_log_decay(lf) + i_preact[None, :], neg_inf)
+    carry_log_scale = jnp.cumsum(lf) + state.m  # log-scale of the initial state seen from row t
     if carry_visible is not None:
         carry_log_scale = jnp.where(carry_visible, carry_log_scale, neg_inf)
     m = jnp.maximum(carry_log_scale, jnp.max(log_d, axis=-1))
