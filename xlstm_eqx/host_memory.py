@@ -9,7 +9,8 @@ config A (≈ 20% of the step). With ``M_MMAP_MAX = 0`` every block comes from t
 The cost: the process keeps its peak heap size until it exits, as a caching allocator would.
 
 Only glibc (Linux) is affected; elsewhere :func:`configure_host_memory` does nothing and says so. The policy is
-process-wide and can only be set, not scoped; ``xlstm-eqx train`` and the benchmark scripts apply it at start.
+process-wide and can only be set, not scoped; ``xlstm-eqx train``, the lm-eval adapter (when lm-eval builds the
+model from its arguments) and the benchmark scripts apply it at start.
 """
 
 from __future__ import annotations

@@ -86,7 +86,9 @@ class XlstmEqxLM(TemplateLM):
         from .lm_eval_run import NO_FORK, lm_from_checkpoint
 
         os.environ.update(NO_FORK)  # lm-eval's CLI process now runs JAX: its stderr bootstrap must not fork
-        configure_host_memory()  # this is lm-eval's own CLI process: the policy `xlstm-eqx train` applies
+        # lm-eval builds the model here (its CLI or simple_evaluate): our only process-level set-up point, as for
+        # joining a run; $XLSTM_EQX_HOST_MEMORY=release opts out
+        configure_host_memory()
         if not jax.distributed.is_initialized():  # one process of a multi-process run (XLSTM_EQX_* or SLURM)?
             initialize(resolve())
         args = dict(arg_dict)
