@@ -1,0 +1,93 @@
+"""The bfloat16 projections' backward: right values in every trace context, low-precision products on XLA:CPU."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from xlstm_eqx.models.layers import mixed_precision_matmul
+
+ROWS, D_IN, D_OUT = 64, 48, 40
+
+DEFINITION = re.compile(r"%?(?P<name>[\w.\-]+)(?: = |: )(?P<dtype>[a-z]+\d*)\[")
+DOT_OPERANDS = re.compile(r" dot\(%(?P<lhs>[\w.\-]+), %(?P<rhs>[\w.\-]+)\)")
+
+
+def _inputs():
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (ROWS, D_IN)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (D_OUT, D_IN))
+    cot = jax.random.normal(keys[2], (ROWS, D_OUT))
+    return x, w, cot
+
+
+def _pullback(x, w, cot):
+    return jax.vjp(mixed_precision_matmul, x, w)[1](cot)
+
+
+def _reference(x, w, cot):
+    """(dx, dw) in float32 from the bfloat16-rounded inputs the products see."""
+    x32, w16, cot16 = (a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, w, cot))
+    return cot16 @ w16, cot16.T @ x32
+
+
+def _in_scan(length):
+    def run(x, w, cot):
+        def body(carry, _):
+            dx, dw = _pullback(x, w, cot)
+            return carry, (dx, dw)
+
+        _, (dx, dw) = lax.scan(body, 0, None, length=length)
+        return dx[-1], dw[-1]
+
+    return run
+
+
+def _under_remat(x, w, cot):
+    return jax.grad(jax.checkpoint(lambda x, w: jnp.sum(mixed_precision_matmul(x, w) * cot)), (0, 1))(x, w)
+
+
+def _under_vmap(x, w, cot):
+    dx, dw = jax.vmap(_pullback, (None, None, 0))(x, w, cot[None])
+    return dx[0], dw[0]
+
+
+CONTEXTS = {
+    "eager": _pullback,
+    "jit": jax.jit(_pullback),
+    "scan_of_one": jax.jit(_in_scan(1)),  # a one-trip loop, which XLA inlines into the surrounding code
+    "scan_of_three": jax.jit(_in_scan(3)),
+    "remat": jax.jit(_under_remat),
+    "vmap": jax.jit(_under_vmap),
+}
+
+
+@pytest.mark.parametrize("context", sorted(CONTEXTS))
+def test_backward_values_in_every_trace_context(context):
+    x, w, cot = _inputs()
+    dx, dw = CONTEXTS[context](x, w, cot)
+    ref_dx, ref_dw = _reference(x, w, cot)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx.astype(jnp.float32), ref_dx, rtol=1e-2, atol=5e-2)
+
+
+def test_every_backward_product_takes_bfloat16_operands_on_cpu():
+    """Both backward products reach XLA:CPU's low-precision GEMM: no operand is upcast to float32 first.
+
+    XLA upcasts a bfloat16 product whose left operand is contracted on its first axis (the plain weight
+    gradient gᵀx); this test fails if that happens again.
+    """
+    if jax.default_backend() != "cpu":
+        pytest.skip("the upcast rule being guarded against is XLA:CPU's")
+    hlo = jax.jit(_pullback).lower(*_inputs()).compile().as_text()
+    dtypes = {m["name"]: m["dtype"] for m in DEFINITION.finditer(hlo)}
+    dots = [(m["lhs"], m["rhs"]) for m in DOT_OPERANDS.finditer(hlo)]
+    assert len(dots) == 2, hlo  # dx and dw
+    for lhs, rhs in dots:
+        assert (dtypes[lhs], dtypes[rhs]) == ("bf16", "bf16"), f"{lhs}: {dtypes[lhs]}, {rhs}: {dtypes[rhs]}"
