@@ -13,6 +13,11 @@ What is measured
       ``reduce``, ``scatter_gather``, ``broadcast`` (buffer initialisation), ``other``.
     * ``profile_op``: the ``--top`` instructions by op time per step, with category, count per step, shape and
       source operation.
+    * ``profile_library_dot``: every product XLA:CPU left outside its YNNPACK/XNNPACK fusions (a plain ``dot``
+      instruction), with its operands' dtypes and contracted axes. These run on Eigen's thread pool after their
+      trace event ends, so their op time above covers only the dispatch: a slow product hides here. ``upcast``
+      marks a float32 operand made by a conversion: XLA moved a low-precision product to float32 (it does so
+      when the left operand is contracted on its first axis) and ran it at the float32 rate.
 
 Usage
     python benchmarks/profile_step.py --config A
@@ -38,6 +43,10 @@ from model import PRESETS, preset_config  # noqa: E402
 CONTAINER_EVENTS = ("ThunkExecutor::Execute",)
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>\S+(?: \S+\))?)\S* (?P<op>[\w\-]+)\(")
 OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
+DEFINITION = re.compile(r"%?(?P<name>[\w.\-]+)(?: = |: )(?P<dtype>[a-z]+\d*)\[")
+NAME = r"[\w.\-]+"
+PLAIN_DOT = re.compile(rf"^\s*(?:ROOT )?%(?P<name>{NAME}) = (?P<shape>\S+) dot\(%(?P<lhs>{NAME}), %(?P<rhs>{NAME})\)")
+CONTRACTED = re.compile(r"(?P<side>lhs|rhs)_contracting_dims=\{(?P<dims>[\d,]*)\}")
 
 
 def category(name: str, op: str) -> str:
@@ -72,6 +81,33 @@ def instructions(hlo_text: str) -> dict[str, dict[str, str]]:
     return table
 
 
+def library_dots(hlo_text: str) -> list[dict[str, object]]:
+    """Plain ``dot`` instructions outside fused computations: operands (name and dtype) and contracted axes.
+
+    ``upcast`` flags a float32 operand made by a conversion (XLA names fusions after their ops): the sign of a
+    low-precision product that XLA moved to float32.
+    """
+    dtypes = {m["name"]: m["dtype"] for m in DEFINITION.finditer(hlo_text)}
+    found, in_fusion = [], False
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():  # a computation's header or closing brace
+            in_fusion = line.startswith(("%fused_computation", "%wrapped_"))
+            continue
+        match = PLAIN_DOT.match(line)
+        if match and not in_fusion:
+            operands = {name: dtypes.get(name, "?") for name in (match["lhs"], match["rhs"])}
+            found.append(
+                {
+                    "op": match["name"],
+                    "shape": match["shape"],
+                    "operands": operands,
+                    "contracted": {m["side"]: m["dims"] for m in CONTRACTED.finditer(line)},
+                    "upcast": any(dtype == "f32" and "convert" in name for name, dtype in operands.items()),
+                }
+            )
+    return found
+
+
 def thread_events(trace_dir: str):
     """(thread name, [(name, start_ns, duration_ns)]) for every XLA worker thread in the trace."""
     import jax
@@ -102,7 +138,8 @@ def main() -> None:
     spec = PRESETS[args.config]
     cfg = preset_config(args.config, args.override)
     setup = init_train_step(cfg, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed)
-    table = instructions(setup.train_step.lower(setup.state, setup.batch).compile().as_text())
+    hlo_text = setup.train_step.lower(setup.state, setup.batch).compile().as_text()
+    table = instructions(hlo_text)
     step = TrainStepLoop(setup.train_step, setup.state, setup.batch)
     for _ in range(args.warmup):
         jax.block_until_ready(step())
@@ -154,6 +191,8 @@ def main() -> None:
                 "source": info["op_name"].removeprefix("jit(train_step)/")[:160],
             }
         )
+    for dot in library_dots(hlo_text):
+        emit({"bench": "profile_library_dot", **dot})
     log(f"[profile] {len(per_op)} distinct ops, {len(threads)} worker threads")
 
 
