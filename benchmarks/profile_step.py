@@ -38,15 +38,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import TrainStepLoop, emit, init_train_step, log  # noqa: E402
+from hlo_products import products  # noqa: E402
 from model import PRESETS, preset_config  # noqa: E402
 
 CONTAINER_EVENTS = ("ThunkExecutor::Execute",)
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>\S+(?: \S+\))?)\S* (?P<op>[\w\-]+)\(")
 OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
-DEFINITION = re.compile(r"%?(?P<name>[\w.\-]+)(?: = |: )(?P<dtype>[a-z]+\d*)\[")
-NAME = r"[\w.\-]+"
-PLAIN_DOT = re.compile(rf"^\s*(?:ROOT )?%(?P<name>{NAME}) = (?P<shape>\S+) dot\(%(?P<lhs>{NAME}), %(?P<rhs>{NAME})\)")
-CONTRACTED = re.compile(r"(?P<side>lhs|rhs)_contracting_dims=\{(?P<dims>[\d,]*)\}")
 
 
 def category(name: str, op: str) -> str:
@@ -79,33 +76,6 @@ def instructions(hlo_text: str) -> dict[str, dict[str, str]]:
                 "op_name": source["op_name"] if source else "",
             }
     return table
-
-
-def library_dots(hlo_text: str) -> list[dict[str, object]]:
-    """Plain ``dot`` instructions outside fused computations: operands (name and dtype) and contracted axes.
-
-    ``upcast`` flags a float32 operand made by a conversion (XLA names fusions after their ops): the sign of a
-    low-precision product that XLA moved to float32.
-    """
-    dtypes = {m["name"]: m["dtype"] for m in DEFINITION.finditer(hlo_text)}
-    found, in_fusion = [], False
-    for line in hlo_text.splitlines():
-        if line and not line[0].isspace():  # a computation's header or closing brace
-            in_fusion = line.startswith(("%fused_computation", "%wrapped_"))
-            continue
-        match = PLAIN_DOT.match(line)
-        if match and not in_fusion:
-            operands = {name: dtypes.get(name, "?") for name in (match["lhs"], match["rhs"])}
-            found.append(
-                {
-                    "op": match["name"],
-                    "shape": match["shape"],
-                    "operands": operands,
-                    "contracted": {m["side"]: m["dims"] for m in CONTRACTED.finditer(line)},
-                    "upcast": any(dtype == "f32" and "convert" in name for name, dtype in operands.items()),
-                }
-            )
-    return found
 
 
 def thread_events(trace_dir: str):
@@ -191,8 +161,10 @@ def main() -> None:
                 "source": info["op_name"].removeprefix("jit(train_step)/")[:160],
             }
         )
-    for dot in library_dots(hlo_text):
-        emit({"bench": "profile_library_dot", **dot})
+    for dot in products(hlo_text):
+        if not dot.fused:
+            fields = {"op": dot.name, "shape": dot.shape, "operands": dot.operands, "contracted": dot.contracted}
+            emit({"bench": "profile_library_dot", **fields, "upcast": dot.upcast})
     log(f"[profile] {len(per_op)} distinct ops, {len(threads)} worker threads")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import re
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,8 @@ from xlstm_eqx.models.layers import mixed_precision_matmul
 
 ROWS, D_IN, D_OUT = 64, 48, 40
 
-DEFINITION = re.compile(r"%?(?P<name>[\w.\-]+)(?: = |: )(?P<dtype>[a-z]+\d*)\[")
-DOT_OPERANDS = re.compile(r" dot\(%(?P<lhs>[\w.\-]+), %(?P<rhs>[\w.\-]+)\)")
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # scripts, not a package
+import hlo_products  # noqa: E402  (the HLO-text reader profile_step.py uses; no side effects on import)
 
 
 def _inputs():
@@ -86,8 +87,7 @@ def test_every_backward_product_takes_bfloat16_operands_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("the upcast rule being guarded against is XLA:CPU's")
     hlo = jax.jit(_pullback).lower(*_inputs()).compile().as_text()
-    dtypes = {m["name"]: m["dtype"] for m in DEFINITION.finditer(hlo)}
-    dots = [(m["lhs"], m["rhs"]) for m in DOT_OPERANDS.finditer(hlo)]
+    dots = hlo_products.products(hlo)
     assert len(dots) == 2, hlo  # dx and dw
-    for lhs, rhs in dots:
-        assert (dtypes[lhs], dtypes[rhs]) == ("bf16", "bf16"), f"{lhs}: {dtypes[lhs]}, {rhs}: {dtypes[rhs]}"
+    for dot in dots:
+        assert list(dot.operands.values()) == ["bf16", "bf16"], dot
