@@ -16,8 +16,9 @@ What is measured
     * ``profile_library_dot``: every product XLA:CPU left outside its YNNPACK/XNNPACK fusions (a plain ``dot``
       instruction), with its operands' dtypes and contracted axes. These run on Eigen's thread pool after their
       trace event ends, so their op time above covers only the dispatch: a slow product hides here. ``upcast``
-      marks a float32 operand made by a conversion: XLA moved a low-precision product to float32 (it does so
-      when the left operand is contracted on its first axis) and ran it at the float32 rate.
+      marks a float32 operand converted by XLA for the product itself (``hlo_products.py``): XLA moved a
+      low-precision product to float32 (it does so when the left operand is contracted on its first axis) and
+      ran it at the float32 rate.
 
 Usage
     python benchmarks/profile_step.py --config A
