@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
@@ -83,10 +84,49 @@ def resets_so_far(reset: Array, axis: int = -1) -> Array:
 def pairwise_log_decay(lf: Float[Array, "*c t"]) -> Float[Array, "*c t t"]:
     """out[τ, σ] = Σ_{σ<j≤τ} lf_j for τ ≥ σ (0 above the diagonal; callers mask it).
 
-    Summed directly column by column rather than as a difference of global cumulative sums, which
-    cancels catastrophically in float32 when gates are saturated (lf ≈ -30 per step).
+    Summed directly rather than as a difference of cumulative sums, which cancels catastrophically in float32
+    when gates are saturated (lf ≈ -30 per step). Up to ``MAX_PRODUCT_PAIRWISE`` steps (a chunk) the sums are
+    one product with a constant 0/1 selection tensor (t², t): same-sign terms, so as exact as the running
+    sum, but a GEMM instead of XLA:CPU's reduce-window tree, 7-10% faster for the whole chunkwise cell
+    forward and backward. Longer inputs take a masked cumulative sum (the tensor grows as t³).
     """
     t = lf.shape[-1]
+    if t <= MAX_PRODUCT_PAIRWISE:
+        j = np.arange(t)
+        selects = (j[None, :, None] < j[None, None, :]) & (j[None, None, :] <= j[:, None, None])  # [τ, σ, j]
+        selection = jnp.asarray(selects.reshape(t * t, t), lf.dtype)
+        sums = jnp.einsum("pj,...j->...p", selection, lf, precision=lax.Precision.HIGHEST)
+        return sums.reshape(*lf.shape[:-1], t, t)
     strictly_lower = jnp.tril(jnp.ones((t, t), dtype=bool), k=-1)
     terms = jnp.where(strictly_lower, lf[..., :, None], jnp.zeros((), lf.dtype))
     return jnp.cumsum(terms, axis=-2)
+
+
+MAX_PRODUCT_PAIRWISE = 128
+
+
+@jax.custom_vjp
+def contract_positions(a: Float[Array, "*c l i"], b: Float[Array, "*c l j"]) -> Float[Array, "*c i j"]:
+    """aᵀb over the position axis l (per leading index), with aᵀ materialised row-major first.
+
+    XLA:CPU hands a product to its fast GEMM (YNNPACK) only when the left operand is contracted on its last
+    axis; products over the position axis, such as k̂ᵀv for a chunk's memory, otherwise run on Eigen's batched
+    dot, several times slower at these sizes. The reshape gives the transpose a layout of its own, and the
+    optimisation barrier keeps XLA from folding it back into the product's dimension numbers. The VJP is
+    written out so that its two products (b gᵀ and a g) contract their left operands' last axes as well.
+    """
+    *lead, length, width = a.shape
+    a_t = lax.optimization_barrier(jnp.swapaxes(a, -1, -2).reshape(*lead, width, 1, length))[..., 0, :]
+    return jnp.einsum("...il,...lj->...ij", a_t, b)
+
+
+def _contract_positions_fwd(a, b):
+    return contract_positions(a, b), (a, b)
+
+
+def _contract_positions_bwd(residuals, g):
+    a, b = residuals
+    return jnp.einsum("...lj,...ij->...li", b, g), jnp.einsum("...li,...ij->...lj", a, g)
+
+
+contract_positions.defvjp(_contract_positions_fwd, _contract_positions_bwd)
