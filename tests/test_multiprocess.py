@@ -101,6 +101,21 @@ def rows(run_dir: Path, mode: str) -> dict[int, dict]:
     return found
 
 
+def assert_weights_agree(ours: np.ndarray, reference: np.ndarray, rtol: float = 1e-5) -> None:
+    """Trained weights agree to reduction-order noise: |ours - reference| ≤ rtol·|reference| in norm, per leaf.
+
+    Not element by element: Adam divides each gradient by its own running scale, so an element whose gradient
+    nearly cancels turns reduction-order noise into a visible difference. Measured in ONE process on this
+    test's run (8 steps): embedding[1031, 25] differs by 4.0× an elementwise rtol 1e-5/atol 1e-6 between a
+    1-device and a 4-device mesh, 2.2× between 2 and 4 devices, while every other element stays under 0.5×.
+    A real disagreement (a row seen by the wrong process, a missed gradient reduction) moves many elements
+    by a learning-rate step and fails the norm by orders of magnitude.
+    """
+    assert ours.shape == reference.shape
+    difference, scale = np.linalg.norm(ours - reference), np.linalg.norm(reference)
+    assert difference <= rtol * scale, f"weights differ by {difference:.3g} (norm), {difference / scale:.3g} relative"
+
+
 def summary(log: str) -> dict:
     return json.loads([line for line in log.splitlines() if line.startswith('{"status"')][-1])
 
@@ -135,7 +150,7 @@ def test_two_processes_train_resume_and_evaluate_like_one(documents, single_run,
     assert meta.meta["data_state"]["process_count"] == 2 and len(meta.meta["data_state"]["processes"]) == 2
     reference = load_from_checkpoint(single_run, mesh=MeshConfig(data=1), devices=jax.devices()[:1])
     for a, b in zip(jax.tree.leaves(meta.state.params), jax.tree.leaves(reference.state.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert_weights_agree(np.asarray(a), np.asarray(b))
     assert "Traceback" not in logs["rank1.log"]
 
 
