@@ -90,8 +90,8 @@ def readout_condition_number(inputs) -> float:
 KERNELS = {
     "parallel": parallel,
     "chunkwise7": functools.partial(chunkwise, chunk_size=7),  # divides none of the lengths below
-    # 130 steps make 43 chunks: more than MAX_PARALLEL_CHUNKS, so the chunk states are scanned
-    "chunkwise3": functools.partial(chunkwise, chunk_size=3),
+    # 130 steps make 130 chunks: more than MAX_PARALLEL_CHUNKS, so the chunk states are scanned
+    "chunkwise1": functools.partial(chunkwise, chunk_size=1),
 }
 
 

@@ -102,7 +102,7 @@ def pairwise_log_decay(lf: Float[Array, "*c t"]) -> Float[Array, "*c t t"]:
     return jnp.cumsum(terms, axis=-2)
 
 
-MAX_PRODUCT_PAIRWISE = 128
+MAX_PRODUCT_PAIRWISE = 64  # the selection tensor holds t³ entries: 1 MiB of float32 at t = 64
 
 
 @jax.custom_vjp
