@@ -108,17 +108,25 @@ def make_train_step(
             out_specs=(specs, P()),
         )
         grads, measured = grads_fn(state.params, batch, jax.random.fold_in(state.key, state.step))
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+
+        def apply_update(grads, opt_state, params):
+            with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+                updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
         one = jnp.ones((), jnp.float32)
         modes: dict[str, tuple[str, ...]] = {}
         if config.check_for_nan:
             finite = jnp.isfinite(measured["loss"].value) & jnp.isfinite(optax.tree.norm(grads))
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            # A branch, not a select of new against old values: optax computes each parameter's update inline
+            # from the old moments, which the moments' own in-place updates overwrite, so a select made XLA copy
+            # every moment first (config B bf16: +2.4% train tokens/s for the branch; +4.5% with no check at all).
+            skip = lambda grads, opt_state, params: (params, opt_state)  # noqa: E731
+            params, opt_state = lax.cond(finite, apply_update, skip, grads, state.opt_state, state.params)
             measured["nonfinite"] = Measured(1.0 - finite.astype(jnp.float32), one)
             modes["nonfinite"] = ("max",)
+        else:
+            params, opt_state = apply_update(grads, state.opt_state, state.params)
         if config.log_grad_norm:
             measured.update(_norms(grads, "grad_norm", config.log_grad_norm_per_param))
         if config.log_param_norm:
