@@ -13,17 +13,20 @@ from jax import lax
 
 from xlstm_eqx.models.layers import mixed_precision_matmul
 
-ROWS, D_IN, D_OUT = 64, 48, 40
+ROWS = 64
+# (d_in, d_out): the weight gradient transposes the smaller operand, g for a narrowing layer and x for a widening one
+SHAPES = {"narrowing": (48, 40), "widening": (40, 96)}
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # scripts, not a package
 import hlo_products  # noqa: E402  (the HLO-text reader profile_step.py uses; no side effects on import)
 
 
-def _inputs():
+def _inputs(shape="narrowing"):
+    d_in, d_out = SHAPES[shape]
     keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (ROWS, D_IN)).astype(jnp.bfloat16)
-    w = jax.random.normal(keys[1], (D_OUT, D_IN))
-    cot = jax.random.normal(keys[2], (ROWS, D_OUT))
+    x = jax.random.normal(keys[0], (ROWS, d_in)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (d_out, d_in))
+    cot = jax.random.normal(keys[2], (ROWS, d_out))
     return x, w, cot
 
 
@@ -68,9 +71,10 @@ CONTEXTS = {
 }
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("context", sorted(CONTEXTS))
-def test_backward_values_in_every_trace_context(context):
-    x, w, cot = _inputs()
+def test_backward_values_in_every_trace_context(context, shape):
+    x, w, cot = _inputs(shape)
     dx, dw = CONTEXTS[context](x, w, cot)
     ref_dx, ref_dw = _reference(x, w, cot)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
@@ -78,7 +82,8 @@ def test_backward_values_in_every_trace_context(context):
     np.testing.assert_allclose(dx.astype(jnp.float32), ref_dx, rtol=1e-2, atol=5e-2)
 
 
-def test_every_backward_product_takes_bfloat16_operands_on_cpu():
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_backward_product_takes_bfloat16_operands_on_cpu(shape):
     """Both backward products reach XLA:CPU's low-precision GEMM: no operand is upcast to float32 first.
 
     XLA upcasts a bfloat16 product whose left operand is contracted on its first axis (the plain weight
@@ -86,7 +91,7 @@ def test_every_backward_product_takes_bfloat16_operands_on_cpu():
     """
     if jax.default_backend() != "cpu":
         pytest.skip("the upcast rule being guarded against is XLA:CPU's")
-    hlo = jax.jit(_pullback).lower(*_inputs()).compile().as_text()
+    hlo = jax.jit(_pullback).lower(*_inputs(shape)).compile().as_text()
     dots = hlo_products.products(hlo)
     assert len(dots) == 2, hlo  # dx and dw
     for dot in dots:
