@@ -11,7 +11,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .kernels.common import varying_like
+from .kernels.common import row_major_transpose, varying_like
 
 
 def dense(
@@ -85,22 +85,17 @@ def _rows_contracted(g: Float[Array, "r d_out"], x: Float[Array, "r d_in"]) -> F
     XLA:CPU's fast low-precision GEMM (YNNPACK) only takes a left operand that is row-major with its
     contracted axis last. The plain ``einsum("ro,ri->oi")`` contracts the left operand's first axis, so XLA
     upcasts both operands and runs the product in float32 at half the speed (config B's lm head: 128 → 72
-    ms). A bare transpose does not help: XLA treats it as a column-major view when it picks the dtype, then
-    folds it back into the dimension numbers. The reshape gives the transpose a layout of its own and the
-    optimisation barrier keeps it from being folded away. The copy costs one pass over the operand, so the
-    smaller one is transposed: gᵀ·x when d_out < d_in, else (xᵀ·g)ᵀ, whose (d_in, d_out) float32 result is
-    transposed back behind a second barrier (without it XLA folds that transpose into the product, which it
-    then cannot run in bfloat16 at all). For config B's lm head (d_out 8192 = 16 × d_in) that saves a 32 MB
-    copy per step: train step +2.2% in bf16 (``variants.py``); transposing x always (also for d_out < d_in)
-    cost 7%.
+    ms); a bare transpose does not help (see :func:`row_major_transpose`). The copy costs one pass over the
+    operand, so the smaller one is transposed: gᵀ·x when d_out < d_in, else (xᵀ·g)ᵀ, whose (d_in, d_out)
+    float32 result is transposed back behind a second barrier (without it XLA folds that transpose into the
+    product, which it then cannot run in bfloat16 at all). For config B's lm head (d_out 8192 = 16 × d_in)
+    that saves a 32 MB copy per step: train step +2.2% in bf16 (``variants.py``); transposing x always (also
+    for d_out < d_in) cost 7%.
     """
-    rows, d_out = g.shape
-    d_in = x.shape[1]
-    if d_out >= d_in:
-        x_t = lax.optimization_barrier(x.T.reshape(d_in, 1, rows))[:, 0]
-        return lax.optimization_barrier(jnp.einsum("ir,ro->io", x_t, g, preferred_element_type=jnp.float32)).T
-    g_t = lax.optimization_barrier(g.T.reshape(d_out, 1, rows))[:, 0]
-    return jnp.einsum("or,ri->oi", g_t, x, preferred_element_type=jnp.float32)
+    if g.shape[1] >= x.shape[1]:
+        dw_t = jnp.einsum("ir,ro->io", row_major_transpose(x), g, preferred_element_type=jnp.float32)
+        return lax.optimization_barrier(dw_t).T
+    return jnp.einsum("or,ri->oi", row_major_transpose(g), x, preferred_element_type=jnp.float32)
 
 
 mixed_precision_matmul.defvjp(_mixed_precision_matmul_fwd, _mixed_precision_matmul_bwd)

@@ -105,19 +105,28 @@ def pairwise_log_decay(lf: Float[Array, "*c t"]) -> Float[Array, "*c t t"]:
 MAX_PRODUCT_PAIRWISE = 64  # the selection tensor holds t³ entries: 1 MiB of float32 at t = 64
 
 
+def row_major_transpose(a: Float[Array, "*lead m n"]) -> Float[Array, "*lead n m"]:
+    """``a`` with its last two axes swapped, materialised as an array of its own (row-major) layout.
+
+    XLA:CPU hands a product to its fast GEMM (YNNPACK) only when the left operand is row-major and contracted
+    on its last axis. A bare transpose does not give that: XLA treats it as a column-major view, then folds it
+    into the product's dimension numbers. The reshape gives the transpose a layout of its own, and the
+    optimisation barrier keeps XLA from folding it away; the price is one copy of ``a``.
+    """
+    *lead, m, n = a.shape
+    return lax.optimization_barrier(jnp.swapaxes(a, -1, -2).reshape(*lead, n, 1, m))[..., 0, :]
+
+
 @jax.custom_vjp
 def contract_positions(a: Float[Array, "*c l i"], b: Float[Array, "*c l j"]) -> Float[Array, "*c i j"]:
     """aᵀb over the position axis l (per leading index), with aᵀ materialised row-major first.
 
     XLA:CPU hands a product to its fast GEMM (YNNPACK) only when the left operand is contracted on its last
     axis; products over the position axis, such as k̂ᵀv for a chunk's memory, otherwise run on Eigen's batched
-    dot, several times slower at these sizes. The reshape gives the transpose a layout of its own, and the
-    optimisation barrier keeps XLA from folding it back into the product's dimension numbers. The VJP is
-    written out so that its two products (b gᵀ and a g) contract their left operands' last axes as well.
+    dot, several times slower at these sizes (see :func:`row_major_transpose`). The VJP is written out so that
+    its two products (b gᵀ and a g) contract their left operands' last axes as well.
     """
-    *lead, length, width = a.shape
-    a_t = lax.optimization_barrier(jnp.swapaxes(a, -1, -2).reshape(*lead, width, 1, length))[..., 0, :]
-    return jnp.einsum("...il,...lj->...ij", a_t, b)
+    return jnp.einsum("...il,...lj->...ij", row_major_transpose(a), b)
 
 
 def _contract_positions_fwd(a, b):
