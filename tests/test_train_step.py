@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import equinox as eqx
 import jax
@@ -241,3 +242,28 @@ def test_intermediates_and_per_parameter_norms_are_logged():
     for key, value in logged.items():
         if key.startswith("intermediates/"):
             assert tp_history[0][key] == pytest.approx(value, rel=1e-5), key
+
+
+def _largest_all_reduce(train_step, state, batch) -> int:
+    """Elements in the largest operand of any all-reduce of the compiled step (0 if there is none)."""
+    text = train_step.lower(state, batch).compile().as_text()
+    sizes = [0]
+    for line in text.splitlines():
+        if " all-reduce(" in line or " all-reduce-start(" in line:
+            result_shapes = line.split("=", 1)[1].split(" all-reduce", 1)[0]
+            for dims in re.findall(r"\w+\[([\d,]*)\]", result_shapes):
+                sizes.append(math.prod(int(d) for d in dims.split(",") if d))
+    return max(sizes)
+
+
+def test_one_device_step_copies_no_gradient_through_an_all_reduce():
+    """One device: only the scalar loss/metric sums are all-reduced, not the gradients (two devices: they are)."""
+    tx = optax.adamw(1e-3)
+    largest = {}
+    for devices in (1, 2):
+        mesh = make_mesh(MeshConfig(data=devices), jax.devices()[:devices])
+        state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+        step = make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False))
+        largest[devices] = _largest_all_reduce(step, state, make_batch(jax.random.key(3)))
+    embedding = MODEL.vocab_size * MODEL.embedding_dim
+    assert largest[1] < 64 and largest[2] >= embedding, largest
