@@ -22,12 +22,14 @@ What is measured
 How
     Both sides are built in this process, then warmed up with two untimed steps each (ours: the first one
     compiles). Then ``--rounds`` rounds alternate the sides (ours first in even rounds, the peer first in odd
-    ones), each side timing its share of ``--steps`` steps one by one, so that load from other processes falls
-    on both. Per side: the median of all its timed step times → tokens/s = batch·T / median; ``ratio`` = ours ÷
-    peer tokens/s (> 1: ours faster). ``ours_compiles_during_timing`` must be 0. FLOPs per token come from
-    ``flops_per_token`` of benchmarks/model.py (same network, same figure for both), GFLOP/s and MFU against the
-    measured float32 ``jit(jnp.dot)`` 2048² roofline (its own ``matmul_roofline`` line); the contention probe
-    (_common.py) is taken before and after the timed rounds. Loss (≈ ln V at initialisation) is a sanity check.
+    ones), each side timing its share of ``--steps`` steps one by one after one untimed settling step (the
+    first step after the other side ran pays for the heap the two share; its median is
+    ``<side>_settle_median_s``), so that load from other processes falls on both. Per side: the median of all
+    its timed step times → tokens/s = batch·T / median; ``ratio`` = ours ÷ peer tokens/s (> 1: ours faster).
+    ``ours_compiles_during_timing`` must be 0. FLOPs per token come from ``flops_per_token`` of
+    benchmarks/model.py (same network, same figure for both), GFLOP/s and MFU against the measured float32
+    ``jit(jnp.dot)`` 2048² roofline (its own ``matmul_roofline`` line); the contention probe (_common.py) is
+    taken before and after the timed rounds. Loss (≈ ln V at initialisation) is a sanity check.
 
 Set-up
     The peer lives in its own environment: ``make bench-compare`` creates ``.venv-peer`` with ``.[peer]`` (the
@@ -165,14 +167,21 @@ def round_sizes(steps: int, rounds: int) -> list[int]:
 
 
 def time_alternately(ours, peer, steps: int, rounds: int) -> dict:
-    """Step times of both sides, timed in alternating rounds; ours' XLA compilations during timing."""
-    times = {"ours": [], "peer": []}
+    """Step times of both sides, timed in alternating rounds; ours' XLA compilations during timing.
+
+    Each side's turn starts with one untimed settling step (its time is kept apart, ``<side>_settle``). Both
+    sides allocate from the one glibc heap (kept mapped, see xlstm_eqx.host_memory), so the first step after
+    the other side ran finds its large blocks split up by the other's allocations and faults fresh pages in:
+    on B bf16 our first step after the peer took 0.4-0.8 s more than the steps after it.
+    """
+    times = {"ours": [], "peer": [], "ours_settle": [], "peer_settle": []}
     compiles = 0
     for i, size in enumerate(round_sizes(steps, rounds)):
         order = [("ours", ours), ("peer", peer)]
         for side, call in order if i % 2 == 0 else order[::-1]:
-            stats = time_calls(call, repeats=size, warmup=0, probe=False)
+            stats = time_calls(call, repeats=size, warmup=1, probe=False)
             times[side] += stats["times_s"]
+            times[f"{side}_settle"].append(stats["first_call_s"])
             compiles += stats["compiles_during_timing"] if side == "ours" else 0
     return {**times, "ours_compiles": compiles}
 
@@ -227,6 +236,8 @@ def compare(preset: str, precision: str, args: argparse.Namespace, roofline: flo
         "peer_step_s": round(median["peer"], 5),
         "ours_times_s": timing["ours"],
         "peer_times_s": timing["peer"],
+        "ours_settle_median_s": round(statistics.median(timing["ours_settle"]), 5),
+        "peer_settle_median_s": round(statistics.median(timing["peer_settle"]), 5),
         "ours_first_step_s": round(first_s["ours"], 3),
         "peer_first_step_s": round(first_s["peer"], 3),
         "ours_compiles_during_timing": timing["ours_compiles"],
