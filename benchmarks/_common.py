@@ -182,8 +182,11 @@ def contention_probe(n: int = 1024, repeats: int = 5) -> float:
     return round(2.0 * n**3 / statistics.median(times) / 1e9, 1)
 
 
-def run_child(argv: list[str], timeout: float | None = None) -> tuple[list[dict[str, Any]], float]:
-    """Runs ``python argv...`` in a fresh process; returns its JSON lines (parsed) and wall time.
+def run_child(
+    argv: list[str], timeout: float | None = None, env: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], float]:
+    """Runs ``python argv...`` in a fresh process (``env`` added to ours); returns its JSON lines (parsed) and
+    wall time.
 
     The child's stderr passes through; a child that crashes or is killed (e.g. out of memory)
     yields a single record with ``"error"`` instead of raising, so one bad config does not end
@@ -191,7 +194,14 @@ def run_child(argv: list[str], timeout: float | None = None) -> tuple[list[dict[
     """
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
         stdout, rc = proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as err:
         out = err.stdout or ""
