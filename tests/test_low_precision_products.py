@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import sys
 
@@ -17,8 +18,22 @@ ROWS = 64
 # (d_in, d_out): the weight gradient transposes the smaller operand, g for a narrowing layer and x for a widening one
 SHAPES = {"narrowing": (48, 40), "widening": (40, 96)}
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # scripts, not a package
-import hlo_products  # noqa: E402  (the HLO-text reader profile_step.py uses; no side effects on import)
+
+def _load_hlo_products():
+    """benchmarks/hlo_products.py, the HLO-text reader profile_step.py uses, loaded from its file.
+
+    Not through sys.path: benchmarks/ also holds kernels.py, which would shadow the ``kernels`` package that
+    transformers (≥ 5.25) looks up on import, and break every later test that imports transformers.
+    """
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "hlo_products.py"
+    spec = importlib.util.spec_from_file_location("hlo_products", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the module runs
+    spec.loader.exec_module(module)
+    return module
+
+
+hlo_products = _load_hlo_products()
 
 
 def _inputs(shape="narrowing"):
