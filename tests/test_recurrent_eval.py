@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from test_train_step import make_batch, perturbed_model
@@ -9,10 +10,12 @@ from test_train_step import make_batch, perturbed_model
 from xlstm_eqx.config import ModelConfig
 from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.data import Batch
+from xlstm_eqx.data.batch import document_starts
+from xlstm_eqx.eval.scoring import ROW_MODES, row_measurements
 from xlstm_eqx.models import build
 from xlstm_eqx.parallel import make_mesh
 from xlstm_eqx.train.metrics import to_host
-from xlstm_eqx.train.recurrent_eval import make_recurrent_eval_step
+from xlstm_eqx.train.recurrent_eval import EVAL_MODES, make_recurrent_eval_step
 from xlstm_eqx.train.state import init
 from xlstm_eqx.train.steps import make_eval_step
 
@@ -51,3 +54,47 @@ def test_a_65536_token_document_in_chunks():
     full = to_host(make_eval_step(static, mesh)(state, batch))  # one 65,536-token pass, for reference
     assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert chunked["accuracy"] == pytest.approx(full["accuracy"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_logits_in_slices_equal_whole_chunks(mesh_shape):
+    """Slices of 5 positions (24 = 4·5 + 4, so a short last slice) give the metrics of whole-chunk logits, for the
+    default measure and for per-example sums (the lm-eval scorer's)."""
+    mesh, state, static = setup(mesh_shape)
+    batch = make_batch(jax.random.key(3))
+    for measure, modes in [(None, EVAL_MODES), (row_measurements, ROW_MODES)]:
+        steps = {
+            size: make_recurrent_eval_step(static, mesh, chunk_size=24, logits_slice=size, measure=measure, modes=modes)
+            for size in (24, 5)
+        }
+        whole, sliced = (to_host(step(state, batch)) for step in steps.values())
+        assert sliced.keys() == whole.keys()
+        for key, value in whole.items():
+            np.testing.assert_allclose(sliced[key], value, rtol=1e-5, err_msg=key)
+
+
+def test_a_chunk_holds_one_slice_of_logits_at_a_time():
+    """The compiled chunk step's temporaries stay below ONE (rows, chunk, vocab) float32 logits buffer when the
+    head runs in slices (auto: a quarter of the chunk here); with whole-chunk logits, the capped logits and the
+    softmax's intermediates are several such buffers."""
+    config = ModelConfig(vocab_size=4096, embedding_dim=32, num_blocks=1, num_heads=2, chunk_size=64)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    state, static = init(build(config, key=jax.random.key(0)), optax.sgd(0.1), key=jax.random.key(1), mesh=mesh)
+    chunk = 1024
+    batch = Batch.from_tokens(jnp.zeros((1, chunk + 1), jnp.int32))
+    model_state = jax.tree.map(lambda a: a[None], static.init_state())
+    logits_bytes = chunk * config.vocab_size * 4
+
+    def temp_bytes(logits_slice):
+        step = make_recurrent_eval_step(static, mesh, chunk_size=chunk, logits_slice=logits_slice)
+        compiled = step.chunk_step.lower(state.params, model_state, batch, document_starts(batch.segment_ids))
+        return compiled.compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(chunk) >= 2 * logits_bytes
+    assert temp_bytes(None) < logits_bytes
+
+
+def test_logits_slice_must_be_positive():
+    mesh, _, static = setup((1, 1, 1))
+    with pytest.raises(ValueError, match="logits_slice"):
+        make_recurrent_eval_step(static, mesh, chunk_size=8, logits_slice=0)

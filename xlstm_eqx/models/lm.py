@@ -127,16 +127,38 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         ``state`` leaves are (batch, blocks, heads, …), as ``vmap`` over rows would stack them. Dense layers see
         all batch·t rows as one matrix, so their weight gradients are plain 2-D products.
         """
+        features, state, stats = self.features_batch(
+            tokens, state, reset=reset, kernel=kernel, tp_axis=tp_axis, check_token_ids=check_token_ids
+        )
+        return self.head(features), state, stats
+
+    def features_batch(
+        self,
+        tokens: Int[Array, "batch t"],
+        state: MLSTMState | None = None,
+        *,
+        reset: Bool[Array, "batch t"] | None = None,
+        kernel: str | None = None,
+        tp_axis: str | None = None,
+        check_token_ids: bool = True,
+    ) -> tuple[Float[Array, "batch t d"], MLSTMState, dict[str, Float[Array, "batch blocks"]]]:
+        """:meth:`forward_batch` without the head: the normed last hidden states (compute dtype), the state and
+        the stats. ``head(features)`` gives the logits; callers that need logits a slice of positions at a time
+        (long-document evaluation) apply it piecewise, so (batch, t, vocab) never exists at once."""
         c = self.config
         if check_token_ids:
             tokens = check_token_range(tokens, c.vocab_size)
         x = jnp.take(self.embedding.weight, tokens, axis=0).astype(c.compute_dtype)
         blocks_first = lambda tree: jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), tree)  # noqa: E731
         x, state, stats = self._run_blocks(x, blocks_first(state), reset, kernel, tp_axis)
-        x = apply_norm(self.out_norm, x)
+        return apply_norm(self.out_norm, x), blocks_first(state), blocks_first(stats)
+
+    def head(self, features: Float[Array, "*rows d"]) -> Float[Array, "*rows vocab"]:
+        """Logits (float32, soft-capped) of normed hidden states from :meth:`features_batch`."""
+        c = self.config
         head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        logits = project(x, head_weight, out_dtype=gate_dtype(c.compute_dtype))
-        return soft_cap(logits, c.output_logit_soft_cap), blocks_first(state), blocks_first(stats)
+        logits = project(features, head_weight, out_dtype=gate_dtype(c.compute_dtype))
+        return soft_cap(logits, c.output_logit_soft_cap)
 
     def _run_blocks(self, x, state, reset, kernel, tp_axis):
         """x (batch, t, d); state leaves (blocks, batch, …) or None. Returns x, state and stats stacked on blocks."""

@@ -2,7 +2,9 @@
 
 One compiled function per chunk shape: rows are cut into ``chunk_size`` columns, the last chunk is padded
 (and masked), so a 65,536-token document costs the memory of one chunk. Document starts are found on the
-full rows before cutting, so a chunk border is never mistaken for a new document.
+full rows before cutting, so a chunk border is never mistaken for a new document. Inside a chunk the head and
+the measure run on slices of positions (a loop), so the chunk's largest temporary is one slice of logits, not
+(rows, chunk, vocab) of them.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float
 
 from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
 from ..parallel import BATCH_AXES, TP_AXIS, parameter_specs
-from .loss import lm_forward, lm_measurements
+from .loss import lm_measurements
 from .metrics import LastArrayAcc, Measured, Metrics, ModesSpec, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
 EVAL_MODES = ("mean_nopostfix",)
+LOGITS_SLICE_ELEMENTS = 2**20  # auto logits_slice: positions per slice such that rows·slice·vocab ≤ this (4 MiB f32)
 ChunkMeasure = Callable[[Any, Batch], Mapping[str, Measured]]  # (logits (rows, chunk, vocab), chunk) -> measured
 
 
@@ -59,23 +64,32 @@ def make_recurrent_eval_step(
     fsdp_min_weight_size: int = 2**18,
     measure: ChunkMeasure | None = None,
     modes: ModesSpec = EVAL_MODES,
+    logits_slice: int | None = None,
 ) -> Callable[[TrainState, Batch, Any], Any]:
     """``recurrent_eval_step(state, batch, metrics) -> metrics`` for rows of any length.
 
     Not jitted itself (a Python loop over chunks); each chunk runs one jitted ``shard_map`` step that takes and
     returns the model's recurrent state, donated between chunks. Equals :func:`make_eval_step` on the same batch
-    up to rounding. ``measure(logits, chunk)`` (default: loss and accuracy) gives each chunk's ``Measured``
-    values, logged with ``modes``; per-example values must be sums (they are added across a row's chunks).
+    up to rounding. ``measure(logits, piece)`` (default: loss and accuracy) gives the ``Measured`` values of a
+    slice of at most ``logits_slice`` positions of a chunk (None: the most with rows·slice·vocab ≤
+    ``LOGITS_SLICE_ELEMENTS`` on each device), logged with ``modes``. Values and counts must be sums over
+    positions: they are added across a chunk's slices and, per example, across a row's chunks. The jitted
+    per-chunk step is the returned function's ``chunk_step`` attribute, for inspection.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if logits_slice is not None and logits_slice < 1:
+        raise ValueError(f"logits_slice must be ≥ 1 or None, got {logits_slice}")
     tp_axis = tp_axis_of(mesh)
     state_spec = _state_spec(mesh)
+    measure_fn = functools.partial(_default_measure, z_loss=config.z_loss) if measure is None else measure
 
     def local_chunk(params, model_state, chunk, resets, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
-        logits, model_state = lm_forward(model, chunk.inputs, resets, model_state, tp_axis=tp_axis)
-        measured = lm_measurements(logits, chunk, config.z_loss)[1] if measure is None else measure(logits, chunk)
+        features, model_state, _ = model.features_batch(
+            chunk.inputs, model_state, reset=resets, tp_axis=tp_axis, check_token_ids=False
+        )
+        measured = measure_in_slices(model.head, measure_fn, features, chunk, logits_slice)
         return model_state, reduce_measured(measured, modes, BATCH_AXES)
 
     @functools.partial(jax.jit, donate_argnums=(1,))
@@ -107,7 +121,46 @@ def make_recurrent_eval_step(
             batch_metrics = new if batch_metrics is None else _sum_chunks(batch_metrics, new)
         return batch_metrics if metrics is None else merge_metrics(metrics, batch_metrics)
 
+    recurrent_eval_step.chunk_step = chunk_step
     return recurrent_eval_step
+
+
+def _default_measure(logits: Any, piece: Batch, *, z_loss: float) -> dict[str, Measured]:
+    return lm_measurements(logits, piece, z_loss)[1]
+
+
+def measure_in_slices(
+    head: Callable[[Any], Any],
+    measure: ChunkMeasure,
+    features: Float[Array, "rows t d"],
+    batch: Batch,
+    logits_slice: int | None = None,
+) -> dict[str, Measured]:
+    """``measure(head(features), batch)`` computed ``logits_slice`` positions at a time and summed, so only one
+    slice of logits (rows, slice, vocab) is alive. ``logits_slice`` None: the most positions with
+    rows·slice·vocab ≤ ``LOGITS_SLICE_ELEMENTS``. The measure's values and counts must be sums over positions.
+    """
+    rows, length = batch.inputs.shape
+    if logits_slice is None:
+        vocab = jax.eval_shape(head, features[:, :1]).shape[-1]
+        logits_slice = max(1, LOGITS_SLICE_ELEMENTS // (rows * vocab))
+    size = min(logits_slice, length)
+    whole, rest = divmod(length, size)
+    cut = whole * size
+
+    def slices(a):  # (rows, cut, …) -> (whole, rows, size, …)
+        return jnp.moveaxis(a[:, :cut].reshape(rows, whole, size, *a.shape[2:]), 1, 0)
+
+    def one(xs):
+        feats, piece = xs
+        return measure(head(feats), piece)
+
+    per_slice = lax.map(one, (slices(features), jax.tree.map(slices, batch)))
+    total = jax.tree.map(lambda a: jnp.sum(a, axis=0), per_slice)
+    if rest:  # the last positions that do not fill a slice
+        tail = measure(head(features[:, cut:]), jax.tree.map(lambda a: a[:, cut:], batch))
+        total = jax.tree.map(jnp.add, total, tail)
+    return total
 
 
 def _zero_state(static: Any, rows: int, mesh: Mesh, state_spec: Any) -> Any:
