@@ -260,7 +260,7 @@ def init_train_step(
     train_step = xe.train.make_train_step(static, tx, mesh, cfg.train, fsdp_min_weight_size=fsdp_min_weight_size)
     tokens = jax.random.randint(jax.random.key(seed + 1), (batch_size, seq_len + 1), 0, cfg.model.vocab_size)
     tokens = tokens.astype("int32")
-    batch = jax.block_until_ready(jax.device_put(Batch.from_tokens(tokens), NamedSharding(mesh, batch_spec(2))))
+    batch = jax.block_until_ready(jax.device_put(Batch.from_tokens(tokens), NamedSharding(mesh, batch_spec(2, mesh))))
     return TrainStepSetup(state, static, train_step, batch, tokens, init_s)
 
 

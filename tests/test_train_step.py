@@ -244,26 +244,42 @@ def test_intermediates_and_per_parameter_norms_are_logged():
             assert tp_history[0][key] == pytest.approx(value, rel=1e-5), key
 
 
-def _largest_all_reduce(train_step, state, batch) -> int:
-    """Elements in the largest operand of any all-reduce of the compiled step (0 if there is none)."""
-    text = train_step.lower(state, batch).compile().as_text()
-    sizes = [0]
-    for line in text.splitlines():
+def _group_size(groups: str, devices: int) -> int:
+    """Participants per group of an HLO ``replica_groups`` value, in any of its three printed forms."""
+    if groups.startswith("{"):  # explicit {{0,1},{2,3}}; {} = all devices
+        first = re.match(r"\{\{([\d,]*)\}", groups)
+        return len(first.group(1).split(",")) if first else devices
+    if groups.startswith("["):  # iota [groups, size]<=[...]
+        return int(re.match(r"\[\d+,(\d+)\]", groups).group(1))
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", groups.split("]", 1)[0]))  # mesh['axis_0'=2,...] {'axis_0'}
+    return math.prod(int(sizes[name]) for name in re.findall(r"'(\w+)'", groups.split("]", 1)[1]))
+
+
+def _all_reduces(train_step, state, batch, devices: int) -> list[tuple[int, int]]:
+    """(elements in the largest operand, participants per group) of every all-reduce of the compiled step."""
+    out = []
+    for line in train_step.lower(state, batch).compile().as_text().splitlines():
         if " all-reduce(" in line or " all-reduce-start(" in line:
             result_shapes = line.split("=", 1)[1].split(" all-reduce", 1)[0]
-            for dims in re.findall(r"\w+\[([\d,]*)\]", result_shapes):
-                sizes.append(math.prod(int(d) for d in dims.split(",") if d))
-    return max(sizes)
+            dims = re.findall(r"\w+\[([\d,]*)\]", result_shapes)
+            elements = max(math.prod(int(d) for d in shape.split(",") if d) for shape in dims)
+            groups = re.search(r"replica_groups=(\{\{[^ ]*\}\}|\{\}|\[[^ ]*\][^ ,]*|mesh\[[^]]*\] \{[^}]*\})", line)
+            out.append((elements, _group_size(groups.group(1), devices)))
+    return out
 
 
-def test_one_device_step_copies_no_gradient_through_an_all_reduce():
-    """One device: only the scalar loss/metric sums are all-reduced, not the gradients (two devices: they are)."""
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (1, 1, 2), (2, 1, 1)])
+def test_no_gradient_passes_through_a_one_participant_all_reduce(mesh_shape):
+    """A mesh axis of size 1 joins no collective: on one device and on a pure tensor-parallel mesh (data × fsdp = 1)
+    no all-reduce has groups of one, which XLA:CPU would still run as a copy of every replicated gradient. With
+    data = 2 the replicated gradients are summed over both devices, which shows the check sees gradients at all."""
+    data, fsdp, model = mesh_shape
+    devices = data * fsdp * model
     tx = optax.adamw(1e-3)
-    largest = {}
-    for devices in (1, 2):
-        mesh = make_mesh(MeshConfig(data=devices), jax.devices()[:devices])
-        state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
-        step = make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False))
-        largest[devices] = _largest_all_reduce(step, state, make_batch(jax.random.key(3)))
-    embedding = MODEL.vocab_size * MODEL.embedding_dim
-    assert largest[1] < 64 and largest[2] >= embedding, largest
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, model=model), jax.devices()[:devices])
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    step = make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False))
+    reduces = _all_reduces(step, state, make_batch(jax.random.key(3)), devices)
+    assert all(size > 1 for _, size in reduces), reduces
+    if data == 2:
+        assert max(elements for elements, _ in reduces) >= MODEL.vocab_size * MODEL.embedding_dim, reduces

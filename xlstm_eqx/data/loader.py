@@ -17,7 +17,7 @@ class BatchIterator:
     """Iterates a pipeline as :class:`Batch` (or :class:`IndexedBatch`) of jax arrays, with a resumable state.
 
     Without ``sharding`` the local rows go to the default device as they are. With a ``sharding`` (e.g.
-    ``NamedSharding(mesh, batch_spec(2))``) each field becomes a global array of ``process_count × local`` rows
+    ``NamedSharding(mesh, batch_spec(2, mesh))``) each field becomes a global array of ``process_count × local`` rows
     via ``jax.make_array_from_process_local_data``: each process contributes exactly the rows it loaded.
     ``num_batches`` (evaluation) appends all-padding batches (loss_mask False, indices 0) once the data runs out,
     so that every process yields the same number of batches; more real batches than that is an error.

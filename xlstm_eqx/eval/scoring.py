@@ -105,7 +105,7 @@ class Scorer:
         self.state = TrainState(
             jnp.zeros((), jnp.int32), jax.device_put(params, self._shardings), (), jax.random.key(0)
         )
-        self.sharding = NamedSharding(mesh, batch_spec(2))
+        self.sharding = NamedSharding(mesh, batch_spec(2, mesh))
         self.fixed_step = make_eval_step(
             static, mesh, TrainConfig(), loss_fn=row_measure, modes=ROW_MODES, fsdp_min_weight_size=fsdp_min_weight_size
         )

@@ -61,7 +61,7 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
     """Opens the splits, counts one training epoch (batches and token frequencies) and builds the iterators.
     Batches are global arrays sharded over the mesh's batch axes."""
     train_paths, val_paths, test_paths = split_paths(section)
-    sharding = NamedSharding(mesh, batch_spec(2))
+    sharding = NamedSharding(mesh, batch_spec(2, mesh))
     train_source = open_documents(train_paths)
     one_pass = train_dataset(train_source, tokenizer, _data_config(section, section.global_batch_size, num_epochs=1))
     batches, counts = 0, Counter()

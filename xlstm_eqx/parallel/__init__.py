@@ -1,6 +1,6 @@
 """Meshes and shardings: the only package that knows the axis names."""
 
-from .mesh import AXES, BATCH_AXES, FSDP_AXIS, TP_AXIS, batch_parallel_size, make_mesh
+from .mesh import AXES, BATCH_AXES, FSDP_AXIS, TP_AXIS, batch_axes, batch_parallel_size, make_mesh
 from .sharding import batch_spec, dotted_path, named, optimizer_state_specs, parameter_specs
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "BATCH_AXES",
     "FSDP_AXIS",
     "TP_AXIS",
+    "batch_axes",
     "batch_parallel_size",
     "batch_spec",
     "dotted_path",

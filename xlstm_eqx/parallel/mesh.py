@@ -35,6 +35,16 @@ def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The batch axes (of data, fsdp) that split the batch on ``mesh``: those of size > 1.
+
+    Batch specs and every collective over the batch inside ``shard_map`` name only these. A size-1 axis named
+    there would make each replicated parameter's gradient vary over it and be summed by a one-participant
+    all-reduce (a full copy of those gradients on XLA:CPU), on one device and on a pure tensor-parallel mesh alike.
+    """
+    return tuple(axis for axis in BATCH_AXES if mesh.shape[axis] > 1)
+
+
 def batch_parallel_size(mesh: Mesh) -> int:
     """Number of distinct batch slices: data × fsdp."""
     return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -16,7 +16,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .mesh import BATCH_AXES, FSDP_AXIS, TP_AXIS
+from .mesh import FSDP_AXIS, TP_AXIS, batch_axes
 
 # (pattern on the dotted parameter path, axis split over 'model', counted from the end)
 TENSOR_PARALLEL_RULES: tuple[tuple[str, int], ...] = (
@@ -98,6 +98,7 @@ def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
 
 
-def batch_spec(ndim: int) -> P:
-    """Batch arrays are split on their leading (batch) axis over data × fsdp, replicated over 'model'."""
-    return P(BATCH_AXES, *([None] * (ndim - 1)))
+def batch_spec(ndim: int, mesh: Mesh) -> P:
+    """Batch arrays are split on their leading (batch) axis over data × fsdp (the axes of size > 1, see
+    :func:`~.mesh.batch_axes`), replicated over 'model'."""
+    return P(batch_axes(mesh) or None, *([None] * (ndim - 1)))

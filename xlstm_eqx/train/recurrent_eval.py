@@ -25,7 +25,7 @@ from jaxtyping import Array, Float
 from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
-from ..parallel import BATCH_AXES, TP_AXIS, parameter_specs
+from ..parallel import TP_AXIS, batch_axes, batch_spec, parameter_specs
 from .loss import lm_measurements
 from .metrics import LastArrayAcc, Measured, Metrics, ModesSpec, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
@@ -49,10 +49,8 @@ def _sum_chunks(old: Metrics, new: Metrics) -> Metrics:
 
 def _state_spec(mesh: Mesh) -> Any:
     """Model state (rows, blocks, heads, …): rows over data × fsdp, heads over 'model' when it splits them."""
-    heads = TP_AXIS if mesh.shape[TP_AXIS] > 1 else None
-    return MLSTMState(
-        C=P(BATCH_AXES, None, heads, None, None), n=P(BATCH_AXES, None, heads, None), m=P(BATCH_AXES, None, heads)
-    )
+    heads, rows = TP_AXIS if mesh.shape[TP_AXIS] > 1 else None, batch_axes(mesh) or None
+    return MLSTMState(C=P(rows, None, heads, None, None), n=P(rows, None, heads, None), m=P(rows, None, heads))
 
 
 def make_recurrent_eval_step(
@@ -80,7 +78,7 @@ def make_recurrent_eval_step(
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     if logits_slice is not None and logits_slice < 1:
         raise ValueError(f"logits_slice must be ≥ 1 or None, got {logits_slice}")
-    tp_axis = tp_axis_of(mesh)
+    tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     state_spec = _state_spec(mesh)
     measure_fn = functools.partial(_default_measure, z_loss=config.z_loss) if measure is None else measure
 
@@ -90,7 +88,7 @@ def make_recurrent_eval_step(
             chunk.inputs, model_state, reset=resets, tp_axis=tp_axis, check_token_ids=False
         )
         measured = measure_in_slices(model.head, measure_fn, features, chunk, logits_slice)
-        return model_state, reduce_measured(measured, modes, BATCH_AXES)
+        return model_state, reduce_measured(measured, modes, rows_axes)
 
     @functools.partial(jax.jit, donate_argnums=(1,))
     def chunk_step(params, model_state, chunk, resets):
@@ -98,7 +96,7 @@ def make_recurrent_eval_step(
         return jax.shard_map(
             functools.partial(local_chunk, specs=specs),
             mesh=mesh,
-            in_specs=(specs, state_spec, batch_specs(chunk), P(BATCH_AXES, None)),
+            in_specs=(specs, state_spec, batch_specs(chunk, mesh), batch_spec(2, mesh)),
             out_specs=(state_spec, P()),
         )(params, model_state, chunk, resets)
 

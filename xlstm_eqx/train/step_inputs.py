@@ -59,8 +59,8 @@ def validate_tokens(batch: Batch, static: Any) -> Batch:
     return eqx.tree_at(lambda b: b.inputs, batch, batch.inputs + zero)  # the dependency keeps the check alive
 
 
-def batch_specs(batch: Batch) -> Any:
-    return jax.tree.map(lambda x: batch_spec(x.ndim), batch)
+def batch_specs(batch: Batch, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda x: batch_spec(x.ndim, mesh), batch)
 
 
 def tp_axis_of(mesh: Mesh) -> str | None:
