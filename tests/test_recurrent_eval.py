@@ -9,11 +9,13 @@ from test_train_step import make_batch, perturbed_model
 
 from xlstm_eqx.config import ModelConfig
 from xlstm_eqx.config.mesh import MeshConfig
+from xlstm_eqx.config.train import TrainConfig
 from xlstm_eqx.data import Batch
 from xlstm_eqx.data.batch import document_starts
 from xlstm_eqx.eval.scoring import ROW_MODES, row_measurements
 from xlstm_eqx.models import build
 from xlstm_eqx.parallel import make_mesh
+from xlstm_eqx.train import loss as loss_module
 from xlstm_eqx.train.metrics import to_host
 from xlstm_eqx.train.recurrent_eval import EVAL_MODES, make_recurrent_eval_step
 from xlstm_eqx.train.state import init
@@ -98,3 +100,19 @@ def test_logits_slice_must_be_positive():
     mesh, _, static = setup((1, 1, 1))
     with pytest.raises(ValueError, match="logits_slice"):
         make_recurrent_eval_step(static, mesh, chunk_size=8, logits_slice=0)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_eval_step_in_logit_slices_equals_whole_logits(mesh_shape, monkeypatch):
+    """make_eval_step's default loss (head in slices; the budget is shrunk here to slices of 5 positions per
+    device, 24 = 4·5 + 4) gives lm_loss's loss, accuracy and z-loss."""
+    mesh, state, static = setup(mesh_shape)
+    rows_per_device = 8 // (mesh_shape[0] * mesh_shape[1])
+    monkeypatch.setattr(loss_module, "LOGITS_SLICE_ELEMENTS", rows_per_device * 5 * static.config.vocab_size)
+    config = TrainConfig(z_loss=1e-3)
+    batch = make_batch(jax.random.key(4))
+    whole = to_host(make_eval_step(static, mesh, config, loss_fn=loss_module.lm_loss)(state, batch))
+    sliced = to_host(make_eval_step(static, mesh, config)(state, batch))
+    assert sliced.keys() == whole.keys() >= {"loss", "accuracy", "z_loss"}
+    for key, value in whole.items():
+        assert sliced[key] == pytest.approx(value, rel=1e-5), key

@@ -30,7 +30,7 @@ from ..data.batch import Batch, document_starts
 from ..data.loader import BatchIterator
 from ..data.pipeline import with_workers
 from ..parallel import batch_parallel_size, batch_spec, make_mesh, named, parameter_specs
-from ..train.loss import lm_forward, target_scores
+from ..train.loss import measure_in_slices, target_scores
 from ..train.metrics import Measured
 from ..train.metrics_host import aggregate_host, to_host
 from ..train.recurrent_eval import make_recurrent_eval_step
@@ -56,10 +56,13 @@ def row_measurements(logits: Float[Array, "batch t vocab"], batch: Batch) -> dic
 
 
 def row_measure(model: eqx.Module, batch: Batch, key: Any, *, z_loss: float = 0.0, tp_axis: str | None = None):
-    """:func:`row_measurements` as a loss function of the step builders (``key`` and ``z_loss`` unused)."""
+    """:func:`row_measurements` as a loss function of the step builders (``key`` and ``z_loss`` unused), the head
+    run on slices of positions (:func:`~xlstm_eqx.train.loss.measure_in_slices`): a batch of long windows with a
+    large vocabulary never holds all its logits."""
     del key, z_loss
-    logits, _ = lm_forward(model, batch.inputs, document_starts(batch.segment_ids), tp_axis=tp_axis)
-    measured = row_measurements(logits, batch)
+    resets = document_starts(batch.segment_ids)
+    features, _, _ = model.features_batch(batch.inputs, reset=resets, tp_axis=tp_axis, check_token_ids=False)
+    measured = measure_in_slices(model.head, row_measurements, features, batch)
     return -jnp.sum(measured["loglikelihood"].value), measured
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,8 @@ from ..models.kernels import MLSTMState
 from .metrics import Measured
 
 INTERMEDIATES_PREFIX = "intermediates/"  # measured keys the step logs with intermediates_log_modes
+LOGITS_SLICE_ELEMENTS = 2**20  # auto logits_slice: positions per slice such that rows·slice·vocab ≤ this (4 MiB f32)
+ChunkMeasure = Callable[[Any, Batch], Mapping[str, Measured]]  # (logits (rows, t, vocab), batch) -> measured
 
 
 def lm_forward(
@@ -94,3 +99,60 @@ def lm_loss(
         for block in range(per_row.shape[1]):
             measured[f"{INTERMEDIATES_PREFIX}{name}_{block}"] = Measured(jnp.sum(per_row[:, block]), rows)
     return objective, measured
+
+
+def lm_eval_loss(
+    model: eqx.Module,
+    batch: Batch,
+    key: PRNGKeyArray,
+    *,
+    z_loss: float = 0.0,
+    tp_axis: str | None = None,
+) -> tuple[Float[Array, ""], dict[str, Measured]]:
+    """:func:`lm_loss` for evaluation, the default loss of ``make_eval_step``: the same objective and measurements,
+    with the head and the cross entropy run on slices of positions (:func:`measure_in_slices`), so a batch never
+    holds its (rows, t, vocab) logits at once. Not meant for gradients, whose backward pass would keep every
+    slice's logits anyway."""
+    del key
+    resets = document_starts(batch.segment_ids)
+    features, _, _ = model.features_batch(batch.inputs, reset=resets, tp_axis=tp_axis, check_token_ids=False)
+    measure = lambda logits, piece: lm_measurements(logits, piece, z_loss)[1]  # noqa: E731
+    measured = measure_in_slices(model.head, measure, features, batch)
+    objective = measured["loss"].value
+    if z_loss:
+        objective = objective + z_loss * measured["z_loss"].value
+    return objective, measured
+
+
+def measure_in_slices(
+    head: Callable[[Any], Any],
+    measure: ChunkMeasure,
+    features: Float[Array, "rows t d"],
+    batch: Batch,
+    logits_slice: int | None = None,
+) -> dict[str, Measured]:
+    """``measure(head(features), batch)`` computed ``logits_slice`` positions at a time and summed, so only one
+    slice of logits (rows, slice, vocab) is alive. ``logits_slice`` None: the most positions with
+    rows·slice·vocab ≤ ``LOGITS_SLICE_ELEMENTS``. The measure's values and counts must be sums over positions.
+    """
+    rows, length = batch.inputs.shape
+    if logits_slice is None:
+        vocab = jax.eval_shape(head, features[:, :1]).shape[-1]
+        logits_slice = max(1, LOGITS_SLICE_ELEMENTS // (rows * vocab))
+    size = min(logits_slice, length)
+    whole, rest = divmod(length, size)
+    cut = whole * size
+
+    def slices(a):  # (rows, cut, …) -> (whole, rows, size, …)
+        return jnp.moveaxis(a[:, :cut].reshape(rows, whole, size, *a.shape[2:]), 1, 0)
+
+    def one(xs):
+        feats, piece = xs
+        return measure(head(feats), piece)
+
+    per_slice = lax.map(one, (slices(features), jax.tree.map(slices, batch)))
+    total = jax.tree.map(lambda a: jnp.sum(a, axis=0), per_slice)
+    if rest:  # the last positions that do not fill a slice
+        tail = measure(head(features[:, cut:]), jax.tree.map(lambda a: a[:, cut:], batch))
+        total = jax.tree.map(jnp.add, total, tail)
+    return total

@@ -11,29 +11,25 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float
 
 from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
 from ..parallel import TP_AXIS, batch_axes, batch_spec, parameter_specs
-from .loss import lm_measurements
+from .loss import ChunkMeasure, lm_measurements, measure_in_slices
 from .metrics import LastArrayAcc, Measured, Metrics, ModesSpec, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
 EVAL_MODES = ("mean_nopostfix",)
-LOGITS_SLICE_ELEMENTS = 2**20  # auto logits_slice: positions per slice such that rows·slice·vocab ≤ this (4 MiB f32)
-ChunkMeasure = Callable[[Any, Batch], Mapping[str, Measured]]  # (logits (rows, chunk, vocab), chunk) -> measured
 
 
 def _sum_chunks(old: Metrics, new: Metrics) -> Metrics:
@@ -125,40 +121,6 @@ def make_recurrent_eval_step(
 
 def _default_measure(logits: Any, piece: Batch, *, z_loss: float) -> dict[str, Measured]:
     return lm_measurements(logits, piece, z_loss)[1]
-
-
-def measure_in_slices(
-    head: Callable[[Any], Any],
-    measure: ChunkMeasure,
-    features: Float[Array, "rows t d"],
-    batch: Batch,
-    logits_slice: int | None = None,
-) -> dict[str, Measured]:
-    """``measure(head(features), batch)`` computed ``logits_slice`` positions at a time and summed, so only one
-    slice of logits (rows, slice, vocab) is alive. ``logits_slice`` None: the most positions with
-    rows·slice·vocab ≤ ``LOGITS_SLICE_ELEMENTS``. The measure's values and counts must be sums over positions.
-    """
-    rows, length = batch.inputs.shape
-    if logits_slice is None:
-        vocab = jax.eval_shape(head, features[:, :1]).shape[-1]
-        logits_slice = max(1, LOGITS_SLICE_ELEMENTS // (rows * vocab))
-    size = min(logits_slice, length)
-    whole, rest = divmod(length, size)
-    cut = whole * size
-
-    def slices(a):  # (rows, cut, …) -> (whole, rows, size, …)
-        return jnp.moveaxis(a[:, :cut].reshape(rows, whole, size, *a.shape[2:]), 1, 0)
-
-    def one(xs):
-        feats, piece = xs
-        return measure(head(feats), piece)
-
-    per_slice = lax.map(one, (slices(features), jax.tree.map(slices, batch)))
-    total = jax.tree.map(lambda a: jnp.sum(a, axis=0), per_slice)
-    if rest:  # the last positions that do not fill a slice
-        tail = measure(head(features[:, cut:]), jax.tree.map(lambda a: a[:, cut:], batch))
-        total = jax.tree.map(jnp.add, total, tail)
-    return total
 
 
 def _zero_state(static: Any, rows: int, mesh: Mesh, state_spec: Any) -> Any:

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from ..config.train import TrainConfig
 from ..data.batch import Batch
 from ..parallel import batch_axes, dotted_path, parameter_specs
-from .loss import INTERMEDIATES_PREFIX, lm_loss
+from .loss import INTERMEDIATES_PREFIX, lm_eval_loss, lm_loss
 from .metrics import EVAL_LOG_MODES, Measured, ModesSpec, accumulate, as_log_modes, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
@@ -156,14 +156,16 @@ def make_eval_step(
     mesh: Mesh,
     config: TrainConfig = TrainConfig(),
     *,
-    loss_fn: LossFn = lm_loss,
+    loss_fn: LossFn = lm_eval_loss,
     fsdp_min_weight_size: int = 2**18,
     modes: ModesSpec = None,
 ) -> Callable[[TrainState, Batch, Any], Any]:
     """``eval_step(state, batch, metrics) -> metrics``: folds one batch's loss/accuracy into ``metrics``
     (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``) unless ``modes`` says otherwise
     (e.g. ``single_noreduce`` for per-example values, see :mod:`xlstm_eqx.eval.extended`); randomness, if the
-    loss uses any, is fixed by ``seed_eval`` so evaluation is reproducible."""
+    loss uses any, is fixed by ``seed_eval`` so evaluation is reproducible. The default ``loss_fn``,
+    :func:`~.loss.lm_eval_loss`, measures what :func:`~.loss.lm_loss` does with the head run on slices of
+    positions, so evaluation memory does not grow with rows × time × vocab."""
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     eval_modes = EVAL_LOG_MODES if modes is None else as_log_modes(modes)
 
