@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,6 +74,11 @@ def lm_measurements(
     return objective, measured
 
 
+def lm_measure(logits: Float[Array, "batch t vocab"], batch: Batch, *, z_loss: float = 0.0) -> dict[str, Measured]:
+    """The measurements of :func:`lm_measurements` alone: the default measure of evaluation in slices."""
+    return lm_measurements(logits, batch, z_loss)[1]
+
+
 def lm_loss(
     model: eqx.Module,
     batch: Batch,
@@ -116,8 +122,7 @@ def lm_eval_loss(
     del key
     resets = document_starts(batch.segment_ids)
     features, _, _ = model.features_batch(batch.inputs, reset=resets, tp_axis=tp_axis, check_token_ids=False)
-    measure = lambda logits, piece: lm_measurements(logits, piece, z_loss)[1]  # noqa: E731
-    measured = measure_in_slices(model.head, measure, features, batch)
+    measured = measure_in_slices(model.head, functools.partial(lm_measure, z_loss=z_loss), features, batch)
     objective = measured["loss"].value
     if z_loss:
         objective = objective + z_loss * measured["z_loss"].value

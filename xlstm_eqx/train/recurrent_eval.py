@@ -24,8 +24,8 @@ from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
 from ..parallel import TP_AXIS, batch_axes, batch_spec, parameter_specs
-from .loss import ChunkMeasure, lm_measurements, measure_in_slices
-from .metrics import LastArrayAcc, Measured, Metrics, ModesSpec, accumulate, merge_metrics, reduce_measured
+from .loss import ChunkMeasure, lm_measure, measure_in_slices
+from .metrics import LastArrayAcc, Metrics, ModesSpec, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
@@ -76,7 +76,7 @@ def make_recurrent_eval_step(
         raise ValueError(f"logits_slice must be ≥ 1 or None, got {logits_slice}")
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     state_spec = _state_spec(mesh)
-    measure_fn = functools.partial(_default_measure, z_loss=config.z_loss) if measure is None else measure
+    measure_fn = functools.partial(lm_measure, z_loss=config.z_loss) if measure is None else measure
 
     def local_chunk(params, model_state, chunk, resets, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
@@ -117,10 +117,6 @@ def make_recurrent_eval_step(
 
     recurrent_eval_step.chunk_step = chunk_step
     return recurrent_eval_step
-
-
-def _default_measure(logits: Any, piece: Batch, *, z_loss: float) -> dict[str, Measured]:
-    return lm_measurements(logits, piece, z_loss)[1]
 
 
 def _zero_state(static: Any, rows: int, mesh: Mesh, state_spec: Any) -> Any:
