@@ -21,7 +21,8 @@ What is measured (one process, one device; every record is one JSON line on stdo
                       in bf16 at their CPU sizes (2048 tokens per step, far too small to fill the GPU, for
                       reference); the 165M preset at T=8192 × batch 4 (same tokens per step) for the long-context
                       scaling ratio (``gpu_scaling``); then the 165M preset's execution variants (chunk size 128
-                      and 256, ``remat=none``, the parallel kernel, float32).
+                      and 256, ``remat=none``, the parallel kernel, float32, batch 32); last the 1.3B preset
+                      (configs/xlstm_v1_1.3b.yaml) at T=2048 × batch 8.
     A run that fails (out of memory, a compile error) gives a record with ``"error"`` and the sweep goes on; runs
     that would start after ``--budget-s`` seconds are skipped with a ``"skipped"`` record.
 
@@ -73,6 +74,8 @@ RUNS = (
     Run("165m_parallel", M165, 2048, 16, (BF16, "model.kernel=parallel")),
     Run("165m_chunk256", M165, 2048, 16, (BF16, "model.chunk_size=256")),
     Run("165m_fp32", M165, 2048, 16, ("model.compute_dtype=float32",)),
+    Run("165m_B32", M165, 2048, 32, (BF16,)),
+    Run("1.3b", "configs/xlstm_v1_1.3b.yaml", 2048, 8, (BF16,)),
 )
 
 
@@ -114,17 +117,25 @@ def roofline(n: int, reps: int) -> dict[str, float]:
     return rates
 
 
+def run_config(run: Run, quick: bool):
+    """(config, seq_len, batch) of ``run``; ``quick`` shrinks the model and the batch for a smoke test."""
+    import xlstm_eqx as xe
+
+    overrides = ["model.compute_dtype=float32", *run.overrides, *(QUICK_MODEL if quick else ())]
+    cfg = xe.load_config(os.path.join(ROOT, run.path), overrides=overrides)
+    if quick:
+        return cfg, max(64, run.seq_len // 16), max(1, run.batch // 2)
+    return cfg, run.seq_len, run.batch
+
+
 def train_step_record(run: Run, args: argparse.Namespace, bf16_tflops: float) -> dict:
     """Compiles and times the library train step for ``run``; returns its JSON record."""
     import equinox as eqx
     import jax
 
-    import xlstm_eqx as xe
     from xlstm_eqx.models import count_params
 
-    overrides = ["model.compute_dtype=float32", *run.overrides, *(QUICK_MODEL if args.quick else ())]
-    cfg = xe.load_config(os.path.join(ROOT, run.path), overrides=overrides)
-    seq_len, batch = (max(64, run.seq_len // 16), max(1, run.batch // 2)) if args.quick else (run.seq_len, run.batch)
+    cfg, seq_len, batch = run_config(run, args.quick)
     state, static, train_step, batch_arrays, _, init_s = init_train_step(
         cfg, None, batch_size=batch, seq_len=seq_len, seed=args.seed
     )
@@ -184,6 +195,7 @@ def train_step_record(run: Run, args: argparse.Namespace, bf16_tflops: float) ->
         "loss_last": round(losses[-1], 4),
         "ln_vocab": round(math.log(cfg.model.vocab_size), 4),
         "loss_finite": finite,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
