@@ -33,7 +33,6 @@ import collections
 import glob
 import gzip
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -43,68 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import TrainStepLoop, emit, init_train_step, log  # noqa: E402
 from gpu import RUNS, run_config  # noqa: E402
+from kernel_trace import busy_ns, category, device_events, hlo_instruction  # noqa: E402
 from profile_step import instructions  # noqa: E402
-
-GEMM_MARKERS = ("gemm", "cublas", "cutlass", "xmma", "nvjet", "sm90_", "wgmma", "dot", "matmul")
-
-
-def category(kernel: str, op: str) -> str:
-    """A coarse kind for a GPU kernel, from its name and its HLO instruction's opcode ("?" when unknown)."""
-    names = kernel.lower()
-    if any(marker in names for marker in GEMM_MARKERS) or op in ("dot", "custom-call"):
-        return "gemm"
-    if "memcpy" in names or "memset" in names:
-        return "memset_memcpy"
-    if "copy" in names or "transpose" in names or op in ("copy", "transpose"):
-        return "copy_transpose"
-    if "reduce" in names or "reduction" in names or op in ("reduce", "reduce-window"):
-        return "reduce"
-    if "fusion" in names or op == "fusion":
-        return "elementwise"
-    return "other"
-
-
-def device_events(path: str):
-    """[(kernel name, start_ns, duration_ns)] on the first accelerator plane of the trace file ``path`` (the
-    host plane's worker threads on CPU)."""
-    import jax
-
-    profile = jax.profiler.ProfileData.from_file(path)
-    planes = {plane.name: plane for plane in profile.planes}
-    device = sorted(name for name in planes if name.startswith("/device:") and "CPU" not in name)
-    plane = planes[device[0]] if device else planes["/host:CPU"]
-    events = []
-    for line in plane.lines:
-        if device and not line.name.startswith("Stream"):
-            continue  # derived lines ("XLA Ops", "XLA Modules") repeat the stream kernels
-        if not device and line.name == "python":
-            continue
-        events.extend((event.name, event.start_ns, event.duration_ns) for event in line.events)
-    return events
-
-
-def hlo_instruction(kernel: str, table: dict[str, dict[str, str]]) -> str | None:
-    """The HLO instruction a kernel ran, by name: XLA:GPU names a fusion's kernel after it with '.' → '_'
-    (``loop_convert_fusion.20`` → ``loop_convert_fusion_20``). Library kernels (cuBLAS, nvjet) have none. The
-    trace's own ``hlo_op`` statistic names the enclosing command buffer (a CUDA graph) instead."""
-    for candidate in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
-        if candidate in table:
-            return candidate
-    return None
-
-
-def busy_ns(events) -> int:
-    """Length of the union of the events' [start, start + duration) intervals."""
-    total, end = 0, None
-    for _, start, duration in sorted(events, key=lambda e: e[1]):
-        stop = start + duration
-        if end is None or start >= end:
-            total += duration
-            end = stop
-        elif stop > end:
-            total += stop - end
-            end = stop
-    return total
 
 
 def main(argv: list[str] | None = None) -> None:
