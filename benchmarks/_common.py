@@ -287,3 +287,25 @@ class TrainStepLoop:
         losses = [float(h["loss_mean"]) for h in host]
         finite = all(math.isfinite(x) for x in losses) and not any(float(h.get("nonfinite_max", 0)) for h in host)
         return losses, finite
+
+
+def trace_train_steps(setup: TrainStepSetup, trace_dir: str, *, steps: int, warmup: int) -> tuple[str, float, str]:
+    """Profiles the train step of ``setup`` (from :func:`init_train_step`).
+
+    Compiles it, runs ``warmup`` untimed steps, then ``steps`` steps under ``jax.profiler.trace(trace_dir)``, each
+    blocked on. Returns (the compiled module's HLO text, wall seconds per traced step, the trace's ``.xplane.pb``
+    path). The setup's state is donated to the steps.
+    """
+    import glob
+
+    hlo_text = setup.train_step.lower(setup.state, setup.batch).compile().as_text()
+    step = TrainStepLoop(setup.train_step, setup.state, setup.batch)
+    for _ in range(warmup):
+        jax.block_until_ready(step())
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            jax.block_until_ready(step())
+    wall = (time.perf_counter() - t0) / steps
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    return hlo_text, wall, path

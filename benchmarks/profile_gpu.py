@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import gzip
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import TrainStepLoop, emit, init_train_step, log  # noqa: E402
+from _common import emit, init_train_step, log, trace_train_steps  # noqa: E402
 from gpu import RUNS, run_config  # noqa: E402
 from kernel_trace import busy_ns, category, device_events, hlo_instruction  # noqa: E402
 from profile_step import instructions  # noqa: E402
@@ -59,8 +57,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hlo", metavar="HLO_GZ", help="with --from-trace: its train_step.hlo.txt.gz")
     args = parser.parse_args(argv)
 
-    import jax
-
     run = next(r for r in RUNS if r.name == args.run)
     if args.from_trace:
         hlo_text = gzip.open(args.hlo, "rt").read() if args.hlo else ""
@@ -68,17 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg, seq_len, batch = run_config(run, args.quick)
         setup = init_train_step(cfg, batch_size=batch, seq_len=seq_len, seed=args.seed)
-        hlo_text = setup.train_step.lower(setup.state, setup.batch).compile().as_text()
-        step = TrainStepLoop(setup.train_step, setup.state, setup.batch)
-        for _ in range(args.warmup):
-            jax.block_until_ready(step())
         with tempfile.TemporaryDirectory() as trace_dir:
-            t0 = time.perf_counter()
-            with jax.profiler.trace(trace_dir):
-                for _ in range(args.steps):
-                    jax.block_until_ready(step())
-            wall = (time.perf_counter() - t0) / args.steps
-            path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+            hlo_text, wall, path = trace_train_steps(setup, trace_dir, steps=args.steps, warmup=args.warmup)
             events = device_events(path)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)

@@ -29,16 +29,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import os
 import re
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import TrainStepLoop, emit, init_train_step, log  # noqa: E402
+from _common import emit, init_train_step, log, trace_train_steps  # noqa: E402
 from hlo_products import products  # noqa: E402
 from model import PRESETS, preset_config  # noqa: E402
 
@@ -79,11 +77,10 @@ def instructions(hlo_text: str) -> dict[str, dict[str, str]]:
     return table
 
 
-def thread_events(trace_dir: str):
-    """(thread name, [(name, start_ns, duration_ns)]) for every XLA worker thread in the trace."""
+def thread_events(path: str):
+    """(thread name, [(name, start_ns, duration_ns)]) for every XLA worker thread in the trace file ``path``."""
     import jax
 
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
     profile = jax.profiler.ProfileData.from_file(path)
     for plane in profile.planes:
         if plane.name != "/host:CPU":
@@ -104,23 +101,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import jax
-
     spec = PRESETS[args.config]
     cfg = preset_config(args.config, args.override)
     setup = init_train_step(cfg, batch_size=spec["batch"], seq_len=spec["T"], seed=args.seed)
-    hlo_text = setup.train_step.lower(setup.state, setup.batch).compile().as_text()
-    table = instructions(hlo_text)
-    step = TrainStepLoop(setup.train_step, setup.state, setup.batch)
-    for _ in range(args.warmup):
-        jax.block_until_ready(step())
     with tempfile.TemporaryDirectory() as trace_dir:
-        t0 = time.perf_counter()
-        with jax.profiler.trace(trace_dir):
-            for _ in range(args.steps):
-                jax.block_until_ready(step())
-        wall = (time.perf_counter() - t0) / args.steps
-        threads = list(thread_events(trace_dir))
+        hlo_text, wall, path = trace_train_steps(setup, trace_dir, steps=args.steps, warmup=args.warmup)
+        threads = list(thread_events(path))
+    table = instructions(hlo_text)
 
     per_op, counts = collections.Counter(), collections.Counter()
     busy = {}
