@@ -27,7 +27,7 @@ What is measured (one process, one device; every record is one JSON line on stdo
     that would start after ``--budget-s`` seconds are skipped with a ``"skipped"`` record.
 
 Usage
-    python benchmarks/gpu.py                         # on a GPU machine; ~5 min on an H200
+    python benchmarks/gpu.py                         # on a GPU machine; ~4 min on an H200
     python benchmarks/gpu.py --only 165m 165m_T8192 --steps 20
     python benchmarks/gpu.py --quick                 # smoke test of the script on any backend (tiny sizes)
 """
