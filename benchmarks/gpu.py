@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
         jax.clear_caches()
     if "165m" in done and "165m_T8192" in done:
-        ratio = done["165m_T8192"]["tokens_per_s"] / done["165m"]["tokens_per_s"]
         short, long = done["165m"], done["165m_T8192"]
+        ratio = long["tokens_per_s"] / short["tokens_per_s"]
         emit({"bench": "gpu_scaling", "runs": ["165m", "165m_T8192"], "T": [short["T"], long["T"]],
               "tokens_per_s": [short["tokens_per_s"], long["tokens_per_s"]], "ratio": round(ratio, 4),
               "quick": args.quick})  # fmt: skip

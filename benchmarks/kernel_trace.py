@@ -26,23 +26,42 @@ def category(kernel: str, op: str) -> str:
     return "other"
 
 
-def device_events(path: str):
-    """[(kernel name, start_ns, duration_ns)] on the first accelerator plane of the trace file ``path`` (the
-    host plane's worker threads on CPU)."""
+# XLA:CPU's per-execution wrapper event: it spans the ops inside it, so summing it would count them twice.
+CONTAINER_EVENTS = ("ThunkExecutor::Execute",)
+
+
+def thread_events(path: str):
+    """(thread name, [(name, start_ns, duration_ns)]) for every XLA:CPU worker thread in the trace file ``path``
+    (container events included)."""
     import jax
 
     profile = jax.profiler.ProfileData.from_file(path)
-    planes = {plane.name: plane for plane in profile.planes}
-    device = sorted(name for name in planes if name.startswith("/device:") and "CPU" not in name)
-    plane = planes[device[0]] if device else planes["/host:CPU"]
-    events = []
-    for line in plane.lines:
-        if device and not line.name.startswith("Stream"):
-            continue  # derived lines ("XLA Ops", "XLA Modules") repeat the stream kernels
-        if not device and line.name == "python":
+    for plane in profile.planes:
+        if plane.name != "/host:CPU":
             continue
-        events.extend((event.name, event.start_ns, event.duration_ns) for event in line.events)
-    return events
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            yield line.name, [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+
+
+def device_events(path: str):
+    """[(kernel name, start_ns, duration_ns)] on the first accelerator plane of the trace file ``path``; on CPU, the
+    worker threads' op events (:func:`thread_events` without container events)."""
+    import jax
+
+    profile = jax.profiler.ProfileData.from_file(path)
+    device = sorted(
+        (p for p in profile.planes if p.name.startswith("/device:") and "CPU" not in p.name), key=lambda p: p.name
+    )
+    if not device:
+        return [e for _, events in thread_events(path) for e in events if e[0] not in CONTAINER_EVENTS]
+    return [
+        (event.name, event.start_ns, event.duration_ns)
+        for line in device[0].lines
+        if line.name.startswith("Stream")  # derived lines ("XLA Ops", "XLA Modules") repeat the stream kernels
+        for event in line.events
+    ]
 
 
 def hlo_instruction(kernel: str, table: dict[str, dict[str, str]]) -> str | None:

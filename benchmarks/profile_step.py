@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import emit, init_train_step, log, trace_train_steps  # noqa: E402
 from hlo_products import products  # noqa: E402
+from kernel_trace import CONTAINER_EVENTS, thread_events  # noqa: E402
 from model import PRESETS, preset_config  # noqa: E402
 
-CONTAINER_EVENTS = ("ThunkExecutor::Execute",)
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>\S+(?: \S+\))?)\S* (?P<op>[\w\-]+)\(")
 OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
 
@@ -75,20 +75,6 @@ def instructions(hlo_text: str) -> dict[str, dict[str, str]]:
                 "op_name": source["op_name"] if source else "",
             }
     return table
-
-
-def thread_events(path: str):
-    """(thread name, [(name, start_ns, duration_ns)]) for every XLA worker thread in the trace file ``path``."""
-    import jax
-
-    profile = jax.profiler.ProfileData.from_file(path)
-    for plane in profile.planes:
-        if plane.name != "/host:CPU":
-            continue
-        for line in plane.lines:
-            if line.name == "python":
-                continue
-            yield line.name, [(e.name, e.start_ns, e.duration_ns) for e in line.events]
 
 
 def main() -> None:
