@@ -42,6 +42,13 @@ import sys
 import time
 from dataclasses import dataclass
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import xlstm_eqx as xe
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import TrainStepLoop, compile_counter, emit, init_train_step, log, time_calls, timed  # noqa: E402
@@ -81,8 +88,6 @@ RUNS = (
 
 def _rate(fn, *args, reps: int) -> float:
     """Seconds per call of ``fn(*args)`` over ``reps`` calls dispatched back to back (after one warm-up)."""
-    import jax
-
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     out = None
@@ -94,10 +99,6 @@ def _rate(fn, *args, reps: int) -> float:
 
 def roofline(n: int, reps: int) -> dict[str, float]:
     """Emits the dot and copy ceilings; returns {name: rate} for MFU."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
     key_a, key_b = jax.random.split(jax.random.key(0))
     rates = {}
     for name, dtype, precision in (
@@ -119,8 +120,6 @@ def roofline(n: int, reps: int) -> dict[str, float]:
 
 def run_config(run: Run, quick: bool):
     """(config, seq_len, batch) of ``run``; ``quick`` shrinks the model and the batch for a smoke test."""
-    import xlstm_eqx as xe
-
     overrides = ["model.compute_dtype=float32", *run.overrides, *(QUICK_MODEL if quick else ())]
     cfg = xe.load_config(os.path.join(ROOT, run.path), overrides=overrides)
     if quick:
@@ -130,11 +129,6 @@ def run_config(run: Run, quick: bool):
 
 def train_step_record(run: Run, args: argparse.Namespace, bf16_tflops: float) -> dict:
     """Compiles and times the library train step for ``run``; returns its JSON record."""
-    import equinox as eqx
-    import jax
-
-    from xlstm_eqx.models import count_params
-
     cfg, seq_len, batch = run_config(run, args.quick)
     state, static, train_step, batch_arrays, _, init_s = init_train_step(
         cfg, None, batch_size=batch, seq_len=seq_len, seed=args.seed
@@ -169,7 +163,7 @@ def train_step_record(run: Run, args: argparse.Namespace, bf16_tflops: float) ->
         "T": seq_len,
         "batch": batch,
         "tokens_per_step": tokens,
-        "params": count_params(cfg.model),
+        "params": xe.models.count_params(cfg.model),
         "compute_dtype": cfg.model.compute_dtype,
         "kernel": cfg.model.kernel,
         "chunk_size": cfg.model.chunk_size,
@@ -210,8 +204,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 5:
         parser.error("--steps must be ≥ 5")
-    import jax
-
     start = time.perf_counter()
     device = jax.devices()[0]
     emit({"bench": "gpu_environment", "platform": device.platform, "device_kind": device.device_kind,
