@@ -1,4 +1,5 @@
-"""The bfloat16 projections' backward: right values in every trace context, low-precision products on XLA:CPU."""
+"""The bfloat16 projections' backward: right values in every trace context, low-precision products on XLA:CPU
+(or float32 ones on exactly upcast operands, where the CPU lacks bfloat16 dot instructions)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jaxtyping import TypeCheckError
 
 from xlstm_eqx.models.layers import mixed_precision_matmul
+from xlstm_eqx.models.matmul_policy import host_cpu_features, upcasts_low_precision_matmul
 
 ROWS = 64
 # (d_in, d_out): the weight gradient transposes the smaller operand, g for a narrowing layer and x for a widening one
@@ -45,8 +48,8 @@ def _inputs(shape="narrowing"):
     return x, w, cot
 
 
-def _pullback(x, w, cot):
-    return jax.vjp(mixed_precision_matmul, x, w)[1](cot)
+def _pullback(x, w, cot, upcast=False):
+    return jax.vjp(lambda x, w: mixed_precision_matmul(x, w, upcast), x, w)[1](cot)
 
 
 def _reference(x, w, cot):
@@ -111,3 +114,57 @@ def test_every_backward_product_takes_bfloat16_operands_on_cpu(shape):
     assert len(dots) == 2, hlo  # dx and dw
     for dot in dots:
         assert list(dot.operands.values()) == ["bf16", "bf16"], dot
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_upcast_products_equal_the_low_precision_ones(shape):
+    """upcast=True runs the same three products on float32 copies of the bfloat16 operands: exact inputs, so
+    the forward and both gradients agree with the native kernel to float32 summation order."""
+    x, w, cot = _inputs(shape)
+    run = jax.jit(lambda x, w, u: (mixed_precision_matmul(x, w, u), _pullback(x, w, cot, u)), static_argnums=2)
+    (y, native), (y_up, upcast) = run(x, w, False), run(x, w, True)
+    ref_dx, ref_dw = _reference(x, w, cot)
+    assert y_up.dtype == jnp.float32 and upcast[0].dtype == jnp.bfloat16 and upcast[1].dtype == jnp.float32
+    np.testing.assert_allclose(y_up, y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upcast[1], native[1], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(upcast[1], ref_dw, rtol=1e-5, atol=1e-4)
+    # dx is rounded to bfloat16 at the end: at most one bfloat16 ulp apart where the float32 sums differ slightly
+    np.testing.assert_allclose(upcast[0].astype(jnp.float32), native[0].astype(jnp.float32), rtol=2**-7, atol=1e-6)
+
+
+def test_upcast_products_run_on_float32_operands():
+    if jax.default_backend() != "cpu":
+        pytest.skip("reads XLA:CPU's HLO")
+    hlo = jax.jit(lambda x, w, cot: _pullback(x, w, cot, True)).lower(*_inputs()).compile().as_text()
+    dots = hlo_products.products(hlo)
+    assert len(dots) == 2, hlo
+    for dot in dots:
+        assert list(dot.operands.values()) == ["f32", "f32"], dot
+
+
+@pytest.mark.parametrize(
+    ("policy", "backend", "features", "upcast"),
+    [
+        ("native", "cpu", frozenset({"avx2"}), False),
+        ("upcast", "gpu", frozenset(), True),
+        ("auto", "cpu", frozenset({"fma", "avx2"}), True),  # AVX2 only: XLA:CPU emulates bfloat16 dots
+        ("auto", "cpu", frozenset({"avx2", "avx512f", "avx512_bf16"}), False),
+        ("auto", "cpu", frozenset({"avx2", "amx_bf16"}), False),
+        ("auto", "cpu", frozenset({"asimd", "bf16"}), False),  # aarch64 FEAT_BF16
+        ("auto", "cpu", frozenset(), False),  # features unknown: keep the native kernel
+        ("auto", "gpu", frozenset({"avx2"}), False),
+        ("auto", "tpu", frozenset(), False),
+    ],
+)
+def test_low_precision_matmul_policy(policy, backend, features, upcast):
+    assert upcasts_low_precision_matmul(policy, backend, features) is upcast
+
+
+def test_low_precision_matmul_policy_rejects_unknown_names_and_reads_this_host():
+    # TypeCheckError from the Literal annotation where runtime type checking is on (as in this suite)
+    with pytest.raises((ValueError, TypeCheckError), match="low_precision_matmul"):
+        upcasts_low_precision_matmul("fast", "cpu", frozenset())
+    assert isinstance(host_cpu_features(), frozenset)
+    if jax.default_backend() == "cpu" and "avx2" in host_cpu_features():
+        has_bf16_dot = bool(host_cpu_features() & {"avx512_bf16", "amx_bf16"})
+        assert upcasts_low_precision_matmul("auto") is not has_bf16_dot

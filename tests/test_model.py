@@ -39,6 +39,13 @@ def scale_error(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+def relative_error(grads, reference):
+    """‖grads − reference‖ / ‖reference‖ over all leaves of two gradient pytrees."""
+    pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(reference)))
+    diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in pairs)
+    return (diff / sum(float(jnp.sum(b**2)) for _, b in pairs)) ** 0.5
+
+
 def test_full_equals_chunked_equals_token_by_token(model, tokens):
     full, final = eqx.filter_jit(lambda m, t: m(t))(model, tokens)
     first, state = model(tokens[:19])
@@ -146,19 +153,32 @@ def test_bfloat16_gradients_are_as_accurate_as_plain_autodiff(model, tokens, mon
     def loss(m):
         return jnp.mean(m(tokens)[0] ** 2)
 
-    def relative_error(grads, reference):
-        pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(reference)))
-        diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in pairs)
-        return (diff / sum(float(jnp.sum(b**2)) for _, b in pairs)) ** 0.5
-
     reference, ours = eqx.filter_grad(loss)(model), eqx.filter_grad(loss)(bf16)
-    plain = lambda x, w: jnp.einsum("ri,oi->ro", x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # noqa: E731
+    plain = lambda x, w, upcast=False: jnp.einsum("ri,oi->ro", x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # noqa: E731
     monkeypatch.setattr(layers, "mixed_precision_matmul", plain)
     autodiff = eqx.filter_grad(loss)(bf16)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(ours))
     assert relative_error(autodiff, reference) > 1e-3  # the patch took effect: a bfloat16 forward, not float32
     assert relative_error(ours, reference) <= 1.1 * relative_error(autodiff, reference)
     assert relative_error(ours, autodiff) < 0.02
+
+
+def test_upcast_bfloat16_products_change_only_the_summation_order(model, tokens):
+    """The whole bf16 model's loss and gradients with its products upcast to float32 GEMMs equal the native
+    low-precision GEMMs' up to float32 summation order: four orders of magnitude below bfloat16's own error."""
+
+    def loss(m):
+        return jnp.mean(m(tokens)[0] ** 2)
+
+    def bf16(policy):
+        return model.with_policy(compute_dtype="bfloat16", low_precision_matmul=policy)
+
+    results = {policy: eqx.filter_value_and_grad(loss)(bf16(policy)) for policy in ("native", "upcast")}
+    (native_loss, native), (upcast_loss, upcast) = results["native"], results["upcast"]
+    float32_loss, float32 = eqx.filter_value_and_grad(loss)(model)
+    assert abs(float(upcast_loss - native_loss)) <= 1e-6 * abs(float(native_loss))
+    assert relative_error(native, float32) > 1e-2  # both really ran in bfloat16
+    assert relative_error(upcast, native) <= 1e-5
 
 
 def test_mixed_precision_matmul_is_a_low_precision_product_and_its_gradient():

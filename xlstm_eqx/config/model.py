@@ -10,6 +10,7 @@ from .parsing import ConfigError
 
 KernelName = Literal["chunkwise", "parallel", "recurrent"]
 DType = Literal["float32", "bfloat16", "float64"]
+LowPrecisionMatmul = Literal["auto", "native", "upcast"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ModelConfig:
     chunk_size: int = 64
     compute_dtype: DType = "float32"
     param_dtype: DType = "float32"
+    # How bfloat16 products run (same numbers either way, see models/matmul_policy.py): "native" low-precision GEMMs,
+    # "upcast" float32 GEMMs on exactly upcast operands (faster on CPUs without bfloat16 dot instructions), "auto"
+    # picks by backend and CPU features.
+    low_precision_matmul: LowPrecisionMatmul = "auto"
     # Recompute everything but the plain (non-batched) matmuls in the backward: less memory traffic, and the
     # fastest train step on CPU in benchmarks/variants.py (configs A and B, scanned blocks, fp32 and bf16).
     remat: Literal["none", "block", "dots"] = "dots"

@@ -35,6 +35,7 @@ class XLSTMBlock(eqx.Module):
             small_init_std(c.embedding_dim),
             std_out,
             dtype,
+            c.low_precision_matmul,
             key=k_ffn,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -12,17 +13,22 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .kernels.common import row_major_transpose, varying_like
+from .matmul_policy import LowPrecisionMatmul, upcasts_low_precision_matmul
 
 
 def dense(
-    layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], out_dtype: jnp.dtype | None = None
+    layer: eqx.nn.Linear,
+    x: Float[Array, "*batch d_in"],
+    out_dtype: jnp.dtype | None = None,
+    *,
+    upcast: bool = False,
 ) -> Float[Array, "*batch d_out"]:
     """Applies ``layer`` (weight in torch's (out, in) layout) over any leading axes.
 
     The matmul runs in ``x``'s dtype (the compute dtype); ``out_dtype`` sets the accumulation and
-    result dtype (e.g. float32 logits from bfloat16 activations).
+    result dtype (e.g. float32 logits from bfloat16 activations). ``upcast``: see :func:`project`.
     """
-    return project(x, layer.weight, layer.bias, out_dtype)
+    return project(x, layer.weight, layer.bias, out_dtype, upcast=upcast)
 
 
 def project(
@@ -30,13 +36,17 @@ def project(
     weight: Float[Array, "d_out d_in"],
     bias: Float[Array, " d_out"] | None = None,
     out_dtype: jnp.dtype | None = None,
+    *,
+    upcast: bool = False,
 ) -> Float[Array, "*batch d_out"]:
     """x @ weightᵀ (+ bias) computed in ``x``'s dtype, accumulated and returned in ``out_dtype``.
 
     Leading axes are flattened into one row axis first: the weight gradient is then a plain 2-D product
     (rows contracted), which XLA:CPU runs without the slow 3-D transposes a (batch, t) pair of axes costs.
     Below float32 (bfloat16 compute), the forward and both backward products take low-precision inputs and
-    accumulate in float32 (see :func:`mixed_precision_matmul`).
+    accumulate in float32 (see :func:`mixed_precision_matmul`); ``upcast`` runs those products as float32 GEMMs
+    on the (exactly) upcast operands, the faster kernel on CPUs without bfloat16 dot instructions
+    (:mod:`.matmul_policy` decides).
     """
     out_dtype = out_dtype or x.dtype
     rows = x.reshape(-1, x.shape[-1])
@@ -44,7 +54,7 @@ def project(
         # Both operands vary over every mesh axis either does (e.g. a weight split over ``model``): the casts'
         # transposes then psum each cotangent back to its operand's type, as autodiff does for a plain einsum.
         weight = varying_like(weight, rows)
-        y = mixed_precision_matmul(varying_like(rows, weight), weight).astype(out_dtype)
+        y = mixed_precision_matmul(varying_like(rows, weight), weight, upcast).astype(out_dtype)
         y = checkpoint_name(y, MIXED_PRECISION_MATMUL)  # after the cast: a saved bf16 output is half the bytes
     else:
         y = jnp.einsum("ri,oi->ro", rows, weight.astype(x.dtype), preferred_element_type=out_dtype)
@@ -56,25 +66,39 @@ def project(
 MIXED_PRECISION_MATMUL = "mixed_precision_matmul"
 
 
-@jax.custom_vjp
-def mixed_precision_matmul(x: Float[Array, "r d_in"], weight: Float[Array, "d_out d_in"]) -> Float[Array, "r d_out"]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_precision_matmul(
+    x: Float[Array, "r d_in"], weight: Float[Array, "d_out d_in"], upcast: bool = False
+) -> Float[Array, "r d_out"]:
     """x @ weightᵀ in float32 from ``x``'s low-precision dtype (the weight is cast to it).
 
     Its gradient keeps the same recipe: the incoming float32 cotangent is cast to ``x``'s dtype and both
     products (dx, dW) take low-precision inputs with float32 accumulation; dW is returned in the weight's own
     dtype. Plain autodiff would upcast both backward products to float32, and XLA:CPU runs bfloat16→float32
-    products about twice as fast as float32 ones (while bfloat16→bfloat16 ones are slower than float32).
+    products about twice as fast as float32 ones on CPUs with bfloat16 dot instructions (while
+    bfloat16→bfloat16 ones are slower than float32).
+
+    ``upcast``: the same three products on operands converted to float32 first, run by the float32 GEMM. A
+    product of two bfloat16 values is exact in float32, so only the summation order differs; on a CPU without
+    bfloat16 dot instructions this is the faster kernel (XLA:CPU emulates the low-precision one).
     """
+    if upcast:
+        return jnp.einsum("ri,oi->ro", x.astype(jnp.float32), weight.astype(x.dtype).astype(jnp.float32))
     return jnp.einsum("ri,oi->ro", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
-def _mixed_precision_matmul_fwd(x, weight):
-    return mixed_precision_matmul(x, weight), (x, weight)
+def _mixed_precision_matmul_fwd(x, weight, upcast):
+    return mixed_precision_matmul(x, weight, upcast), (x, weight)
 
 
-def _mixed_precision_matmul_bwd(residuals, g):
+def _mixed_precision_matmul_bwd(upcast, residuals, g):
     x, weight = residuals
-    g = g.astype(x.dtype)
+    g = g.astype(x.dtype)  # the cotangent rounded as the native kernel's input is, on either path
+    if upcast:
+        g32, x32 = g.astype(jnp.float32), x.astype(jnp.float32)
+        dx = g32 @ weight.astype(x.dtype).astype(jnp.float32)
+        dw = jnp.einsum("ro,ri->oi", g32, x32)  # the float32 GEMM takes either layout at full speed
+        return dx.astype(x.dtype), dw.astype(weight.dtype)
     dx = jnp.einsum("ro,oi->ri", g, weight.astype(x.dtype), preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), _rows_contracted(g, x).astype(weight.dtype)
 
@@ -102,14 +126,14 @@ mixed_precision_matmul.defvjp(_mixed_precision_matmul_fwd, _mixed_precision_matm
 
 
 def row_parallel(
-    layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], tp_axis: str | None
+    layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], tp_axis: str | None, *, upcast: bool = False
 ) -> Float[Array, "*batch d_out"]:
     """``dense`` for a layer whose input features are split over mesh axis ``tp_axis`` (tensor parallel).
 
     Each device holds a slice of the weight's input columns and computes a partial product; the
     partials are summed over ``tp_axis`` and the (replicated) bias is added once, after the sum.
     """
-    y = project(x, layer.weight)
+    y = project(x, layer.weight, upcast=upcast)
     if tp_axis is not None:
         y = jax.lax.psum(y, tp_axis)
     return y if layer.bias is None else y + layer.bias.astype(y.dtype)
@@ -180,17 +204,31 @@ class FeedForward(eqx.Module):
     proj_up_gate: eqx.nn.Linear
     proj_up: eqx.nn.Linear
     proj_down: eqx.nn.Linear
+    low_precision_matmul: LowPrecisionMatmul = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden: int, use_bias: bool, std_in: float, std_out: float, dtype, *, key):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        use_bias: bool,
+        std_in: float,
+        std_out: float,
+        dtype,
+        low_precision_matmul: LowPrecisionMatmul = "auto",
+        *,
+        key,
+    ):
         k1, k2, k3 = jax.random.split(key, 3)
         linear = lambda i, o, k: eqx.nn.Linear(i, o, use_bias=use_bias, dtype=dtype, key=k)  # noqa: E731
         self.proj_up_gate = normal_(linear(dim, hidden, k1), std_in, k1)
         self.proj_up = normal_(linear(dim, hidden, k2), std_in, k2)
         self.proj_down = normal_(linear(hidden, dim, k3), std_out, k3)
+        self.low_precision_matmul = low_precision_matmul
 
     def __call__(self, u: Float[Array, "*rows d"], tp_axis: str | None = None) -> Float[Array, "*rows d"]:
         """``tp_axis``: mesh axis over which the hidden features are split (None: not split)."""
         # the gating in float32 from the products' accumulators (XLA:CPU emulates bfloat16 elementwise math)
-        acc = gate_dtype(u.dtype)
-        hidden = jax.nn.silu(dense(self.proj_up_gate, u, acc)) * dense(self.proj_up, u, acc)
-        return row_parallel(self.proj_down, hidden.astype(u.dtype), tp_axis)
+        acc, upcast = gate_dtype(u.dtype), upcasts_low_precision_matmul(self.low_precision_matmul)
+        gate, up = (dense(layer, u, acc, upcast=upcast) for layer in (self.proj_up_gate, self.proj_up))
+        hidden = jax.nn.silu(gate) * up
+        return row_parallel(self.proj_down, hidden.astype(u.dtype), tp_axis, upcast=upcast)

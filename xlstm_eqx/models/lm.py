@@ -14,9 +14,10 @@ from ..config import ModelConfig
 from .block import XLSTMBlock
 from .kernels import MLSTMState
 from .layers import MIXED_PRECISION_MATMUL, apply_norm, gate_dtype, normal_, project, rms_norm, small_init_std, soft_cap
+from .matmul_policy import upcasts_low_precision_matmul
 
 # Config fields that change how the model runs, never what it computes (beyond rounding).
-EXECUTION_POLICY_FIELDS = ("kernel", "chunk_size", "compute_dtype", "remat", "scan_blocks")
+EXECUTION_POLICY_FIELDS = ("kernel", "chunk_size", "compute_dtype", "low_precision_matmul", "remat", "scan_blocks")
 
 REMAT_POLICIES = {
     "none": None,
@@ -157,7 +158,8 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         """Logits (float32, soft-capped) of normed hidden states from :meth:`features_batch`."""
         c = self.config
         head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        logits = project(features, head_weight, out_dtype=gate_dtype(c.compute_dtype))
+        upcast = upcasts_low_precision_matmul(c.low_precision_matmul)
+        logits = project(features, head_weight, out_dtype=gate_dtype(c.compute_dtype), upcast=upcast)
         return soft_cap(logits, c.output_logit_soft_cap)
 
     def _run_blocks(self, x, state, reset, kernel, tp_axis):

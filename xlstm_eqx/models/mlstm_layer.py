@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from ..config import ModelConfig
 from .kernels import KERNELS, MLSTMState
 from .layers import MultiHeadNorm, dense, gate_dtype, normal_, row_parallel, small_init_std, soft_cap, wang_init_std
+from .matmul_policy import upcasts_low_precision_matmul
 
 
 class MLSTMLayer(eqx.Module):
@@ -72,11 +73,12 @@ class MLSTMLayer(eqx.Module):
         split; this device's weights then hold its heads only (statistics are averaged over all heads)."""
         c = self.config
         heads = lambda x, dim: x.reshape(*u.shape[:2], -1, dim)  # noqa: E731  (local heads under tensor parallelism)
-        acc = gate_dtype(u.dtype)
+        acc, upcast = gate_dtype(u.dtype), upcasts_low_precision_matmul(c.low_precision_matmul)
         # q, k, v straight from the products' float32 accumulators: the cell computes in float32 anyway, and a
         # bfloat16 round trip costs two converts per element (+4% bf16 train tokens/s on configs A and B)
-        q, k = heads(dense(self.q, u, acc), c.qk_head_dim), heads(dense(self.k, u, acc), c.qk_head_dim)
-        v = heads(dense(self.v, u, acc), c.v_head_dim)
+        q = heads(dense(self.q, u, acc, upcast=upcast), c.qk_head_dim)
+        k = heads(dense(self.k, u, acc, upcast=upcast), c.qk_head_dim)
+        v = heads(dense(self.v, u, acc, upcast=upcast), c.v_head_dim)
         gate_in = u.astype(acc)
         i_pre = soft_cap(dense(self.igate_preact, gate_in), c.gate_soft_cap)
         f_pre = soft_cap(dense(self.fgate_preact, gate_in), c.gate_soft_cap)
@@ -91,8 +93,8 @@ class MLSTMLayer(eqx.Module):
         if tp_axis is not None:
             stats = jax.lax.pmean(stats, tp_axis)
         h = self.multihead_norm(h.astype(u.dtype)).reshape(*u.shape[:2], -1)
-        out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u))
-        return row_parallel(self.out_proj, out_gate * h, tp_axis), state, stats
+        out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u, upcast=upcast))
+        return row_parallel(self.out_proj, out_gate * h, tp_axis, upcast=upcast), state, stats
 
 
 def run_cell(
