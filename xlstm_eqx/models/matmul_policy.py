@@ -4,8 +4,8 @@ Both give the same numbers up to summation order: a product of two bfloat16 valu
 converting the operands to float32 first changes nothing but the kernel. What differs is speed. With bfloat16
 dot instructions (AVX-512 BF16 or AMX on x86, FEAT_BF16 on Arm, and every GPU/TPU) the low-precision GEMM is
 about twice as fast as float32. Without them (a plain AVX2 CPU) XLA:CPU emulates it and is slower than its
-float32 GEMM: on a 2-core AVX2 EPYC the bf16 train step ran at 0.68× (config A) and 0.53× (config B) of the
-float32 one, and at 0.97× / 0.89× once its products were upcast (``benchmarks/variants.py``, see
+float32 GEMM: on a 2-core AVX2 EPYC the bf16 train step ran at 0.68× (config A) and 0.67× (config B) of the
+float32 one, and at 0.98× / 0.96× once its products were upcast (``benchmarks/variants.py``, see
 benchmarks/README.md).
 """
 
