@@ -4,10 +4,24 @@ Runtime shape/type checking of the whole package is switched on by jaxtyping's p
 (``--jaxtyping-packages=xlstm_eqx,beartype.beartype`` in pyproject.toml's addopts).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its CPU backend (the jaxtyping plugin may already have imported jax).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# A compilation cache for this session only, empty at the start and removed at exit, so every run compiles as a
+# clean clone does. Many tests (and the subprocesses of the job, resume and multi-process tests, which inherit
+# these variables) compile the same small programs and eager ops again; the cache turns the repeats into reads.
+_COMPILATION_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="xlstm_eqx_test_jax_cache_"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+atexit.register(shutil.rmtree, _COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.update(_COMPILATION_CACHE)
 
 import itertools  # noqa: E402
 
@@ -15,6 +29,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# jax may have read the environment before this module ran
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ loses two digits (measured: κ≈100 gave 2e-5 in the recurrent form, 4e-6 in th
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -107,9 +108,25 @@ def assert_all_agree(inputs, tol, kernels=KERNELS):
         assert max_relative_error(grads, ref_grads) <= tol, f"{name}: gradients"
 
 
-@pytest.mark.parametrize("t_len", [1, 37, 130])
-@pytest.mark.parametrize("gates", ["normal", "extreme"])
-@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "reset+state"])
+def covering(axes: dict[str, list], default: set[tuple]) -> list:
+    """Every combination of the axes' values as pytest params; those outside ``default`` (chosen so that every
+    pair of values of any two axes still occurs in it) are marked slow."""
+    cases = list(itertools.product(*axes.values()))
+    assert default <= set(cases), f"not combinations of the axes: {default - set(cases)}"
+    return [
+        pytest.param(*case, marks=() if case in default else pytest.mark.slow, id="-".join(map(str, case)))
+        for case in cases
+    ]
+
+
+@pytest.mark.parametrize(
+    "with_extras, gates, t_len",
+    covering(
+        {"with_extras": [False, True], "gates": ["normal", "extreme"], "t_len": [1, 37, 130]},
+        default={(False, "normal", 1), (True, "extreme", 1), (False, "extreme", 37), (True, "normal", 37),
+                 (False, "extreme", 130), (True, "normal", 130)},
+    ),
+)  # fmt: skip
 def test_exact_math_float64(x64, getkey, t_len, gates, with_extras):
     inputs = make_inputs(
         getkey(), t_len, gates=gates, dtype=jnp.float64, with_reset=with_extras, with_state=with_extras
@@ -117,9 +134,13 @@ def test_exact_math_float64(x64, getkey, t_len, gates, with_extras):
     assert_all_agree(inputs, tol=1e-10)
 
 
-@pytest.mark.parametrize("t_len", [1, 2048])
-@pytest.mark.parametrize("gates", ["normal", "extreme"])
-@pytest.mark.parametrize("with_reset", [False, True])
+@pytest.mark.parametrize(
+    "with_reset, gates, t_len",
+    covering(
+        {"with_reset": [False, True], "gates": ["normal", "extreme"], "t_len": [1, 2048]},
+        default={(False, "normal", 1), (False, "extreme", 2048), (True, "normal", 2048), (True, "extreme", 1)},
+    ),
+)
 def test_float32_agreement(getkey, t_len, gates, with_reset):
     inputs = make_inputs(getkey(), t_len, gates=gates, qk_mean=2.0, with_reset=with_reset, with_state=True)
     assert readout_condition_number(inputs) < 10, "test premise: a well-conditioned read-out"

@@ -29,8 +29,11 @@ def setup(mesh_shape):
     return mesh, state, static
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
-@pytest.mark.parametrize("chunk_size", [7, 24, 64])
+@pytest.mark.parametrize(
+    "chunk_size, mesh_shape",
+    [(7, (1, 1, 1)), (7, (2, 2, 2)), pytest.param(24, (1, 1, 1), marks=pytest.mark.slow), (24, (2, 2, 2)),
+     pytest.param(64, (1, 1, 1), marks=pytest.mark.slow), (64, (2, 2, 2))],
+)  # fmt: skip
 def test_chunked_equals_full_sequence(mesh_shape, chunk_size):
     mesh, state, static = setup(mesh_shape)
     batches = [make_batch(jax.random.key(i)) for i in range(2)]  # 24 tokens, two documents per row

@@ -143,21 +143,43 @@ def _run_and_kill(run_dir, corpus_args, at_step, timeout=240):
     process.wait()
 
 
+def _start(run_dir, corpus_args):
+    """Starts a run whose output goes to files beside its run directory (a full pipe would stall it)."""
+    out, err = (open(f"{run_dir}.{name}", "w+") for name in ("out", "err"))
+    return subprocess.Popen(_command(run_dir, corpus_args), env=_environment(), stdout=out, stderr=err), out, err
+
+
+def _finish(started, timeout=300):
+    """Waits for a run from ``_start`` and returns its JSON summary."""
+    process, out, err = started
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with out, err:
+        err.seek(0), out.seek(0)
+        assert process.returncode == 0, err.read()[-3000:]
+        return json.loads(out.read().strip().splitlines()[-1])
+
+
 def _run(run_dir, corpus_args):
-    command = _command(run_dir, corpus_args)
-    done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _finish(_start(run_dir, corpus_args))
 
 
 @pytest.mark.parametrize("num_kills", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, corpus_args, num_kills):
-    reference = _run(tmp_path / "reference", corpus_args)
-    assert reference["status"] == "success" and reference["resumed_from_step"] is None
+    started = _start(tmp_path / "reference", corpus_args)  # alongside the killed runs: the machine has two cores
     rng = random.Random(1234)
     kills = sorted(rng.sample(range(2, 23), num_kills))
-    for at_step in kills:
-        _run_and_kill(tmp_path / "killed", corpus_args, at_step)
+    try:
+        for at_step in kills:
+            _run_and_kill(tmp_path / "killed", corpus_args, at_step)
+    except BaseException:
+        started[0].kill()
+        raise
+    reference = _finish(started)
+    assert reference["status"] == "success" and reference["resumed_from_step"] is None
     resumed = _run(tmp_path / "killed", corpus_args)
     assert resumed["status"] == "success" and resumed["resumed_from_step"] is not None
     a, b = load_from_checkpoint(tmp_path / "reference", 24), load_from_checkpoint(tmp_path / "killed", 24)

@@ -82,7 +82,23 @@ def single_device():
     return run((1, 1, 1), tx=SGD_MOMENTUM)
 
 
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+@pytest.fixture(scope="module")
+def single_device_sgd_step():
+    """Parameters after one step of SGD at learning rate 1 on one device (start minus the gradient)."""
+    return run((1, 1, 1), tx=optax.sgd(1.0), steps=1)[0]
+
+
+FLOAT64 = MODEL.__class__(**{**MODEL.__dict__, "param_dtype": "float64", "compute_dtype": "float64"})
+
+
+@pytest.fixture(scope="module")
+def single_device_float64():
+    with jax.enable_x64(True):
+        return run((1, 1, 1), model_config=FLOAT64)
+
+
+MESHES = [(8, 1, 1), pytest.param((2, 4, 1), marks=pytest.mark.slow), (2, 2, 2),
+          pytest.param((1, 2, 4), marks=pytest.mark.slow), (1, 1, 8)]  # fmt: skip
 # Three float32 steps are compared under SGD with momentum: Adam divides by √v, which turns float32 rounding
 # noise in near-zero gradients into visible parameter differences (up to 8e-4 after 3 steps, on one device
 # vs another, while the gradients themselves agree to < 1e-5). AdamW is checked in float64 below.
@@ -103,29 +119,26 @@ def test_sharded_equals_single_device(single_device, mesh_shape):
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)])
-def test_sharded_equals_single_device_float64(x64, mesh_shape):
+def test_sharded_equals_single_device_float64(x64, single_device_float64, mesh_shape):
     """Exact math with the real optimizer: parameters after three AdamW steps agree to rounding in float64."""
-    float64 = MODEL.__class__(**{**MODEL.__dict__, "param_dtype": "float64", "compute_dtype": "float64"})
-    sharded, history, _ = run(mesh_shape, model_config=float64)
-    single, ref_history, _ = run((1, 1, 1), model_config=float64)
+    sharded, history, _ = run(mesh_shape, model_config=FLOAT64)
+    single, ref_history, _ = single_device_float64
     assert history[-1]["grad_norm_mean"] == pytest.approx(ref_history[-1]["grad_norm_mean"], rel=1e-6)  # float32 metric
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         assert relative(a, b) <= 1e-10
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)])
-def test_sharded_gradients_equal_single_device(mesh_shape):
+def test_sharded_gradients_equal_single_device(single_device_sgd_step, mesh_shape):
     """With SGD at learning rate 1 one step moves every parameter by exactly minus its gradient."""
-    sgd = optax.sgd(1.0)
     start = jax.tree.map(np.asarray, eqx.filter(perturbed_model(jax.random.key(1)), eqx.is_array))
     grads = lambda params: jax.tree.map(np.subtract, start, params)  # noqa: E731
-    sharded, _, _ = run(mesh_shape, tx=sgd, steps=1)
-    single, _, _ = run((1, 1, 1), tx=sgd, steps=1)
-    for a, b in zip(jax.tree.leaves(grads(sharded)), jax.tree.leaves(grads(single))):
+    sharded, _, _ = run(mesh_shape, tx=optax.sgd(1.0), steps=1)
+    for a, b in zip(jax.tree.leaves(grads(sharded)), jax.tree.leaves(grads(single_device_sgd_step))):
         assert relative(a, b) <= 1e-5
 
 
-def test_sharded_bfloat16_gradients_are_as_accurate_as_single_device():
+def test_sharded_bfloat16_gradients_are_as_accurate_as_single_device(single_device_sgd_step):
     """bfloat16 compute on a data × fsdp × model mesh: the gradients' error against float32 is that of one device.
 
     Sharding changes which bfloat16 partial products are summed where, so the two bfloat16 runs differ by
@@ -135,26 +148,29 @@ def test_sharded_bfloat16_gradients_are_as_accurate_as_single_device():
     start = jax.tree.map(np.asarray, eqx.filter(perturbed_model(jax.random.key(1)), eqx.is_array))
     bf16 = MODEL.__class__(**{**MODEL.__dict__, "compute_dtype": "bfloat16"})
 
-    def grads(mesh_shape, model_config):
-        params, _, _ = run(mesh_shape, tx=sgd, steps=1, model_config=model_config)
+    def gradient(params):
         return np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params))])
 
-    reference = grads((1, 1, 1), MODEL)
+    def grads(mesh_shape, model_config):
+        return gradient(run(mesh_shape, tx=sgd, steps=1, model_config=model_config)[0])
+
+    reference = gradient(single_device_sgd_step)  # float32
     error = lambda g: float(np.linalg.norm(g - reference) / np.linalg.norm(reference))  # noqa: E731
     single, sharded = error(grads((1, 1, 1), bf16)), error(grads((2, 2, 2), bf16))
     assert 1e-4 < single < 0.05  # bfloat16 rounding is visible, and no more than that
     assert sharded < 1.5 * single
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-def test_accumulation_equals_one_big_batch(scan):
-    config = TrainConfig(gradient_accumulate_steps=4, gradient_accumulate_scan=scan)
+def test_accumulation_equals_one_big_batch():
+    """Four micro-batches, accumulated in a Python loop or in lax.scan, give the step of one batch of all four."""
     sgd = optax.sgd(1.0)
-    accumulated, history, _ = run((2, 1, 1), config, tx=sgd, steps=1)
     big, ref_history, _ = run((2, 1, 1), tx=sgd, steps=1)
-    assert history[0]["loss_mean"] == pytest.approx(ref_history[0]["loss_mean"], rel=1e-6)
-    for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(big)):
-        assert relative(a, b) <= 1e-6
+    for scan in (False, True):
+        config = TrainConfig(gradient_accumulate_steps=4, gradient_accumulate_scan=scan)
+        accumulated, history, _ = run((2, 1, 1), config, tx=sgd, steps=1)
+        assert history[0]["loss_mean"] == pytest.approx(ref_history[0]["loss_mean"], rel=1e-6), f"scan={scan}"
+        for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(big)):
+            assert relative(a, b) <= 1e-6, f"scan={scan}"
 
 
 @pytest.mark.slow  # op-by-op on two devices: ~50 s
