@@ -113,6 +113,9 @@ def covering(axes: dict[str, list], default: set[tuple]) -> list:
     pair of values of any two axes still occurs in it) are marked slow."""
     cases = list(itertools.product(*axes.values()))
     assert default <= set(cases), f"not combinations of the axes: {default - set(cases)}"
+    for (i, a), (j, b) in itertools.combinations(enumerate(axes.values()), 2):
+        missing = set(itertools.product(a, b)) - {(case[i], case[j]) for case in default}
+        assert not missing, f"the default cases miss these pairs of {list(axes)[i]} and {list(axes)[j]}: {missing}"
     return [
         pytest.param(*case, marks=() if case in default else pytest.mark.slow, id="-".join(map(str, case)))
         for case in cases

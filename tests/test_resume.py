@@ -152,12 +152,12 @@ def _start(run_dir, corpus_args):
 def _finish(started, timeout=300):
     """Waits for a run from ``_start`` and returns its JSON summary."""
     process, out, err = started
-    try:
-        process.wait(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            process.kill()
     with out, err:
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            if process.poll() is None:
+                process.kill()
         err.seek(0), out.seek(0)
         assert process.returncode == 0, err.read()[-3000:]
         return json.loads(out.read().strip().splitlines()[-1])
