@@ -77,6 +77,7 @@ def make_recurrent_eval_step(
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     state_spec = _state_spec(mesh)
     measure_fn = functools.partial(lm_measure, z_loss=config.z_loss) if measure is None else measure
+    zero_state = _zero_state_maker(static, mesh, state_spec)
 
     def local_chunk(params, model_state, chunk, resets, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
@@ -106,7 +107,7 @@ def make_recurrent_eval_step(
         if pad:  # padded columns are unscored (mask False) and come after every real token
             batch = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, pad))), batch)
             resets = jnp.pad(resets, ((0, 0), (0, pad)))
-        model_state, batch_metrics = _zero_state(static, rows, mesh, state_spec), None
+        model_state, batch_metrics = zero_state(rows), None
         for i in range(n_chunks):
             cut = slice(i * chunk_size, (i + 1) * chunk_size)
             chunk = jax.tree.map(lambda x, cut=cut: x[:, cut], batch)
@@ -119,12 +120,14 @@ def make_recurrent_eval_step(
     return recurrent_eval_step
 
 
-def _zero_state(static: Any, rows: int, mesh: Mesh, state_spec: Any) -> Any:
-    """The empty recurrent state for ``rows`` sequences, created directly with its sharding."""
+def _zero_state_maker(static: Any, mesh: Mesh, state_spec: Any) -> Callable[[int], Any]:
+    """``zero_state(rows)``: the empty recurrent state for ``rows`` sequences, created directly with its sharding
+    (one compiled program per row count, kept for the step's lifetime)."""
     empty = static.init_state()  # shapes only: init_state allocates small zeros for one sequence
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_spec, is_leaf=lambda s: isinstance(s, P))
 
-    def make():
+    @functools.partial(jax.jit, static_argnums=0, out_shardings=shardings)
+    def zero_state(rows: int) -> Any:
         return jax.tree.map(lambda leaf: jnp.zeros((rows, *leaf.shape), leaf.dtype), empty)
 
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_spec, is_leaf=lambda s: isinstance(s, P))
-    return jax.jit(make, out_shardings=shardings)()
+    return zero_state
