@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(PY) -m xlstm_eqx.cli train
 
+# Tests run on TEST_WORKERS pytest-xdist processes (one per core here; TEST_WORKERS=0 runs them in this process).
+# worksteal balances the few long tests (subprocess jobs, resume, multi-process) against the many short ones.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py

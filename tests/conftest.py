@@ -10,18 +10,20 @@ import shutil
 import tempfile
 
 # Must happen before JAX initialises its CPU backend (the jaxtyping plugin may already have imported jax).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-# A compilation cache for this session only, empty at the start and removed at exit, so every run compiles as a
-# clean clone does. Many tests (and the subprocesses of the job, resume and multi-process tests, which inherit
-# these variables) compile the same small programs and eager ops again; the cache turns the repeats into reads.
-_COMPILATION_CACHE = {
-    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="xlstm_eqx_test_jax_cache_"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-}
-atexit.register(shutil.rmtree, _COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.update(_COMPILATION_CACHE)
+# A compilation cache for this run only, empty at the start and removed at exit, so every run compiles as a clean
+# clone does. Many tests (and the subprocesses of the job, resume and multi-process tests, which inherit these
+# variables) compile the same small programs and eager ops again; the cache turns the repeats into reads. Under
+# pytest-xdist the controller's conftest runs before it starts the workers, so they inherit its directory and share
+# it; only the process that made the directory removes it.
+_CACHE_OWNER = "XLSTM_EQX_TEST_JAX_CACHE_OWNER_PID"
+if _CACHE_OWNER not in os.environ:
+    os.environ[_CACHE_OWNER] = str(os.getpid())
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="xlstm_eqx_test_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 import itertools  # noqa: E402
 
@@ -30,7 +32,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 # jax may have read the environment before this module ran
-jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
