@@ -257,3 +257,50 @@ def test_dict_of_validation_sets_prefixes_each_sets_metrics(tiny):
         for key in ("loss", "accuracy", "perplexity"):
             assert metrics[f"{name}_{key}"] == alone[name][key]
     assert "loss" not in metrics
+
+
+def _train_rows(directory):
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["mode"] == "train" and "loss_mean" in r]
+
+
+def test_the_last_partial_log_interval_gets_its_own_row(tiny_module, tmp_path):
+    state, train_step, eval_step, *_ = tiny_module
+    copy = lambda: jax.tree.map(jnp.copy, state)  # noqa: E731
+    logger = RunLogger(tmp_path / "end", LogConfig(writers=("jsonl",)))
+    fit(copy(), train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=12), log_every_n_steps=5,
+        logger=logger)  # fmt: skip
+    logger.finalize("success")
+    rows = _train_rows(tmp_path / "end")
+    assert [r["log_step"] for r in rows] == [5, 10, 12] and all(math.isfinite(r["loss_mean"]) for r in rows)
+    assert rows[-1]["step_time"] > 0  # the rates cover the two steps of the last interval
+    # a hook's Stop inside an interval: the steps since the last row still get theirs
+    logger = RunLogger(tmp_path / "stop", LogConfig(writers=("jsonl",)))
+    stopper = on(["step"], lambda e: [Stop("stopped", "enough")] if e.step == 7 else None)
+    fit(copy(), train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=12), log_every_n_steps=5,
+        hooks=[stopper], logger=logger)  # fmt: skip
+    logger.finalize("stopped")
+    assert [r["log_step"] for r in _train_rows(tmp_path / "stop")] == [5, 7]
+
+
+def test_loss_of_other_log_modes_is_not_taken_for_nan():
+    from xlstm_eqx.loop.fit import _step_scalars
+    from xlstm_eqx.train.metrics import Measured, accumulate
+
+    one = jnp.ones(())
+    measured = {"loss": Measured(2.0 * one, one), "nonfinite": Measured(0.0 * one, one)}
+    loss, nonfinite = _step_scalars(accumulate(measured, {"loss": ("std",), "nonfinite": ("max",)}))
+    assert math.isnan(loss) and not nonfinite  # no loss among these modes: nothing to judge it by
+    measured["nonfinite"] = Measured(one, one)
+    assert _step_scalars(accumulate(measured, {"loss": ("std",), "nonfinite": ("max",)}))[1]
+    loss, nonfinite = _step_scalars(accumulate({"loss": Measured(jnp.nan * one, one)}, ("single",)))
+    assert math.isnan(loss) and nonfinite
+
+
+def test_a_validation_iterator_is_refused_before_training(tiny):
+    state, train_step, eval_step, *_ = tiny
+    config = LoopConfig(num_train_steps=4, check_val_every_n_steps=2)
+    with pytest.raises(TypeError, match="val_data is an iterator"):
+        fit(state, train_step, eval_step, Stream(), config=config, val_data=iter(eval_set(1)))
+    with pytest.raises(TypeError, match=r"val_data\['plays'\] is an iterator"):
+        fit(state, train_step, eval_step, Stream(), config=config, val_data={"a": eval_set(1), "plays": Stream()})

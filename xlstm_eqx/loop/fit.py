@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,11 +47,25 @@ def plan_steps(config: LoopConfig, steps_per_epoch: int | None) -> tuple[int, in
 
 
 def _step_scalars(metrics: dict[str, Any]) -> tuple[float, bool]:
-    """This step's loss and non-finite flag (one small device_get; waits for the step to finish)."""
-    keys = [k for k in LOSS_KEYS if k in metrics][:1] + [k for k in ("nonfinite_max",) if k in metrics]
+    """This step's loss (NaN when the train log modes give none of ``LOSS_KEYS``) and non-finite flag: the
+    step's own check (``nonfinite_max``) or a non-finite loss. One small device_get; waits for the step."""
+    loss_key = next((k for k in LOSS_KEYS if k in metrics), None)
+    keys = [k for k in (loss_key, "nonfinite_max") if k is not None and k in metrics]
     host = to_host({k: metrics[k] for k in keys})
-    loss = float(host[keys[0]]) if keys and keys[0] in LOSS_KEYS else math.nan
-    return loss, bool(host.get("nonfinite_max", 0.0) > 0 or (keys and not math.isfinite(loss)))
+    loss = float(host[loss_key]) if loss_key is not None else math.nan
+    return loss, bool(host.get("nonfinite_max", 0.0) > 0 or (loss_key is not None and not math.isfinite(loss)))
+
+
+def _check_reiterable(sets: EvalSets | None, field: str) -> None:
+    """Validation runs many times: a one-shot iterator would be used up by the first one."""
+    named = sets.items() if isinstance(sets, Mapping) else [("", sets)]
+    for name, one in named:
+        if one is not None and not callable(one) and iter(one) is one:
+            where = f"{field}[{name!r}]" if name else field
+            raise TypeError(
+                f"{where} is an iterator, which the first validation would use up; pass a list of batches or a "
+                "zero-argument callable that returns a new iterator"
+            )
 
 
 def run_info(state: Any, batch: Any, total: int, per_epoch: int) -> dict[str, dict[str, Any]]:
@@ -97,12 +111,14 @@ def fit(
     consumed (the train step donates it); use the returned one.
 
     ``train_data`` is an endless iterator of global batches (with ``get_state`` if it can be checkpointed);
-    ``val_data`` / ``test_data`` are evaluation sets (see :mod:`.evaluate`). Validation runs every
+    ``val_data`` / ``test_data`` are evaluation sets (see :mod:`.evaluate`; validation sets must be
+    re-iterable: lists or zero-argument callables, not iterators). Validation runs every
     ``check_val_every_n_steps`` steps and after every ``check_val_every_n_epoch``-th epoch (once per step:
     an epoch-end validation at a step that was just validated re-uses that result). The test runs at the end
     on ``restore_best(state) -> (state, step)`` (the best checkpoint) if given, else on the final state.
     """
     total, per_epoch = plan_steps(config, steps_per_epoch)
+    _check_reiterable(val_data, "val_data")
     step = int(jax.device_get(state.step))
     write = logger.write if logger is not None else (lambda *args: True)
     results: dict[str, dict[str, Any]] = {}
@@ -125,6 +141,11 @@ def fit(
         for other, extra in logged.items():
             write(other, step, epoch, extra)
         return stop
+
+    def train_row(running: Any) -> dict[str, Any]:
+        """The log row of the steps merged into ``running`` since the last row."""
+        row = {**add_perplexity(to_host(running)), **timer.rates(step, tokens)}
+        return {**row, "epoch": max(step - 1, 0) // per_epoch + 1}
 
     def validate(trigger: str) -> tuple[dict[str, Any], Stop | None]:
         stop = emit("val_start", mode="val", trigger=trigger)
@@ -169,9 +190,8 @@ def fit(
             timer.reset(step)
             first = False
         logged = {}
-        if step % log_every_n_steps == 0:
-            logged = {**add_perplexity(to_host(running)), **timer.rates(step, tokens)}
-            logged["epoch"], running = max(step - 1, 0) // per_epoch + 1, None
+        if step % log_every_n_steps == 0 or step == total or nonfinite:  # the last interval may be partial
+            logged, running = train_row(running), None
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / max(now - tick, 1e-9):.0f}", refresh=False)
         tick = now
@@ -195,6 +215,8 @@ def fit(
                     results[f"val_epoch_{epoch}"], stop = validate("epoch")
                     last_val = step
     bar.close()
+    if running is not None:  # a hook stopped the run inside a log interval: its steps still get their row
+        write("train", step, max(step - 1, 0) // per_epoch + 1, train_row(running))
     status = "success" if stop is None else stop.status
     emit("train_end", status=status)
     if stop is not None and logger is not None:
