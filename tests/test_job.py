@@ -75,6 +75,22 @@ def test_run_directory_of_another_model_is_refused_and_kept(corpus, tmp_path):
     assert json.loads((run / "status.json").read_text())["status"] == "error"
 
 
+def test_checkpoints_without_optimizer_state_resume_on_schedule(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["loop.check_val_every_n_steps=-1", "checkpoint.monitor=null", "checkpoint.save_optimizer=false",
+            "hooks.lr_monitor_every_n_steps=1", "lm_eval.evaluation_tasks=[]"]  # fmt: skip
+    train_job(job_config(corpus, run, "loop.num_train_steps=5", *args))
+    assert not (run / "checkpoints" / "5" / "opt_state").exists()
+    summary = train_job(job_config(corpus, run, "loop.num_train_steps=7", *args))
+    assert summary["resumed_from_step"] == 5 and summary["status"] == "success"
+    loaded = load_from_checkpoint(run)  # rebuilds a fresh optimizer state, counted from the restored step
+    assert loaded.step == 7 and int(optimizer_step_count(loaded.state.opt_state)) == 7
+    lr = {r["log_step"]: r["optimizer/lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+          if "optimizer/lr" in r}  # fmt: skip
+    assert sorted(lr) == [1, 2, 3, 4, 5, 6, 7]
+    assert lr[1] < lr[6] <= lr[5]  # on the decaying schedule (warmup: 2 steps), not warming up again
+
+
 def test_corrupt_latest_checkpoint_falls_back_and_says_so(corpus, tmp_path, caplog):
     run = tmp_path / "run"
     args = ["loop.check_val_every_n_steps=-1", "checkpoint.monitor=null", "checkpoint.keep_latest=3"]

@@ -213,6 +213,10 @@ def test_set_optimizer_step_count_resumes_the_schedule():
     updates, state = tx.update({"w": jnp.ones(())}, state, params)
     assert float(updates["w"]) == pytest.approx(-0.4)
     assert int(optimizer_step_count(state)) == 41
+    # the count is a buffer of its own (a train step donating the state would otherwise free it twice)
+    step = jnp.asarray(40, jnp.int32)
+    count = optimizer_step_count(set_optimizer_step_count(tx.init(params), step))
+    assert count.unsafe_buffer_pointer() != step.unsafe_buffer_pointer() and int(count) == 40
 
 
 # ------------------------------------------------------------------------------------------------ clipping

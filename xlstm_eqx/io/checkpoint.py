@@ -294,7 +294,8 @@ class Checkpointer:
             stored = self._mngr.item_metadata(step)
             if optimizer and "opt_state" not in saved_items:
                 raise CheckpointError(
-                    f"checkpoint {step} in {self.directory} has no optimizer state (optimizer=False?)"
+                    f"checkpoint {step} in {self.directory} has no optimizer state (saved with "
+                    "checkpoint.save_optimizer=false); restore it with optimizer=False and a concrete target"
                 )
             for name, tree in wanted.items():
                 if stored.get(name) is None:

@@ -20,12 +20,12 @@ from ..io.checkpoint import Checkpointer
 from ..models import build
 from ..parallel import make_mesh
 from ..parallel.distributed import allgather_json
-from ..train import abstract_state, build_optimizer, build_schedule, init, make_eval_step, make_train_step
+from ..train import build_optimizer, build_schedule, init, make_eval_step, make_train_step
 from .events import Event, Hook
 from .fit import fit, plan_steps
 from .hooks import checkpoint_hook, lr_monitor, nan_stop, profiler
 from .logger import RunLogger
-from .restore import model_config_check
+from .restore import model_config_check, restore_target, with_schedule_count_at_step
 from .run_data import build_run_data, unigram_perplexity
 
 
@@ -39,9 +39,13 @@ def _check_monitor(config: Config, has_validation: bool) -> None:
         )
 
 
-def _resume_stream(stream: Any, saved: dict[str, Any], step: int, logger: RunLogger) -> None:
+def _resume_stream(stream: Any, saved: dict[str, Any] | None, step: int, logger: RunLogger) -> None:
     """Puts this process's training stream where it was at ``step``. The checkpoint holds the stream state of
     every process that wrote it; with a different process count the slices differ, so the stream restarts."""
+    if saved is None:  # e.g. saved by Checkpointer.save outside the job
+        logger.warning("the checkpoint of step %d holds no data-stream state: the data stream starts again from "
+                       "its beginning", step)  # fmt: skip
+        return
     if "processes" not in saved:  # written before per-process states were stored: one process
         saved = {"process_count": 1, "processes": [saved]}
     if saved["process_count"] == jax.process_count():
@@ -105,12 +109,19 @@ def train_job(
         state = resumed = None
         if config.checkpoint.enabled:
             checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint)
-            target, static = abstract_state(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
-            found = checkpointer.restore_latest_valid(target, check_meta=model_config_check(config, run_dir))
+            with_optimizer = config.checkpoint.save_optimizer
+            target, static = restore_target(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min,
+                                            with_optimizer=with_optimizer)  # fmt: skip
+            found = checkpointer.restore_latest_valid(
+                target, check_meta=model_config_check(config, run_dir), optimizer=with_optimizer
+            )
             if found is not None:
                 resumed, state, meta = found
-                _resume_stream(data.train, meta["data_state"], resumed, logger)
+                state = state if with_optimizer else with_schedule_count_at_step(state)
+                _resume_stream(data.train, meta.get("data_state"), resumed, logger)
                 logger.info("resuming from the checkpoint of step %d in %s", resumed, checkpointer.directory)
+            elif not with_optimizer:
+                state = target  # already a fresh, concrete state
         if state is None:
             state, static = init(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
         train_step = make_train_step(static, tx, mesh, config.train, fsdp_min_weight_size=fsdp_min)

@@ -22,7 +22,7 @@ from ..io.checkpoint import Checkpointer, CheckpointError, read_checkpoint_meta
 from ..models import build
 from ..parallel import make_mesh
 from ..train.optim import build_optimizer, set_optimizer_step_count
-from ..train.state import TrainState, abstract_state
+from ..train.state import TrainState, abstract_state, init
 
 StepSpec = int | Literal["latest", "best"]
 
@@ -60,6 +60,21 @@ def model_config_check(config: Config, where: str | Path):
     return check
 
 
+def restore_target(builder: Any, tx: Any, *, key: Any, mesh: Any, fsdp_min_weight_size: int,
+                   with_optimizer: bool) -> tuple[TrainState, Any]:  # fmt: skip
+    """``(target, static)`` to restore a checkpoint into. With the optimizer state in the checkpoint, the target
+    is abstract (shapes and shardings only); without it, a fresh concrete state whose optimizer state the
+    restore keeps (then pass the result through :func:`with_schedule_count_at_step`)."""
+    make = abstract_state if with_optimizer else init
+    return make(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min_weight_size)
+
+
+def with_schedule_count_at_step(state: TrainState) -> TrainState:
+    """``state`` with its optimizer's schedule count set to its step: a fresh optimizer state paired with restored
+    weights continues the learning-rate schedule instead of warming up again."""
+    return eqx.tree_at(lambda s: s.opt_state, state, set_optimizer_step_count(state.opt_state, state.step))
+
+
 def load_pretrained(
     path: str | Path, state: TrainState, step: StepSpec = "latest", *, optimizer: bool = True
 ) -> tuple[TrainState, dict[str, Any]]:
@@ -73,16 +88,12 @@ def load_pretrained(
     _, meta = read_checkpoint_meta(directory, "latest")
     saved = meta.get("config", {}).get("checkpoint", {})
     config = CheckpointConfig(monitor=saved.get("monitor"), mode=saved.get("mode", "min"), async_save=False)
-    checkpointer = Checkpointer(directory, config)
+    checkpointer = Checkpointer(directory, config, read_only=True)
     try:
         restored, meta = checkpointer.restore(step, state, optimizer=optimizer)
     finally:
         checkpointer.close()
-    if not optimizer:
-        restored = eqx.tree_at(
-            lambda s: s.opt_state, restored, set_optimizer_step_count(restored.opt_state, restored.step)
-        )
-    return restored, meta
+    return (restored if optimizer else with_schedule_count_at_step(restored)), meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +122,19 @@ def load_from_checkpoint(
         config = dataclasses.replace(config, mesh=mesh)
     device_mesh = make_mesh(config.mesh, devices)
     tx = build_optimizer(config.optim, meta.get("total_steps"))
-    target, static = abstract_state(
+    with_optimizer = config.checkpoint.save_optimizer
+    target, static = restore_target(
         functools.partial(build, config.model),
         tx,
         key=jax.random.key(config.seed),
         mesh=device_mesh,
         fsdp_min_weight_size=config.mesh.fsdp_min_weight_size,
+        with_optimizer=with_optimizer,
     )
-    checkpointer = Checkpointer(directory, dataclasses.replace(config.checkpoint, async_save=False))
+    checkpointer = Checkpointer(directory, dataclasses.replace(config.checkpoint, async_save=False), read_only=True)
     try:
-        state, meta = checkpointer.restore(resolved, target)
+        state, meta = checkpointer.restore(resolved, target, optimizer=with_optimizer)
     finally:
         checkpointer.close()
+    state = state if with_optimizer else with_schedule_count_at_step(state)
     return Loaded(config, eqx.combine(state.params, static), state, static, resolved, meta)

@@ -216,9 +216,16 @@ def set_optimizer_step_count(opt_state: Any, step: ArrayLike) -> Any:
     moment estimates restart with correct bias correction.
     """
 
+    def fresh_count(old: Any) -> Any:
+        # Always a new buffer, placed like the old count: with ``jnp.asarray`` the count would share the buffer of
+        # ``state.step``, and the train step, which donates its state, would donate that buffer twice.
+        new = jnp.array(step, dtype=old.dtype, copy=True)
+        traced = isinstance(old, jax.core.Tracer) or isinstance(new, jax.core.Tracer)
+        return new if traced or not isinstance(old, jax.Array) else jax.device_put(new, old.sharding)
+
     def replace(node):
         if _is_schedule_state(node):
-            return node._replace(count=jnp.asarray(step, dtype=node.count.dtype))
+            return node._replace(count=fresh_count(node.count))
         return node
 
     return jax.tree.map(replace, opt_state, is_leaf=_is_schedule_state)
