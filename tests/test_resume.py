@@ -76,6 +76,30 @@ def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, che
     checkpointer.close()
 
 
+def nan_gradients_on_sentinel(model, batch, key, **kwargs):
+    """The loss itself, always finite, whose gradients are NaN on the sentinel batch (0 · sqrt'(0) · 0)."""
+    value, measured = lm_loss(model, batch, key, **kwargs)
+    weight = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))[0]
+    at_zero = jnp.where(jnp.any(batch.inputs == SENTINEL), 0.0, 1.0) + 0.0 * weight.sum()
+    return value + 0.0 * jnp.sqrt(at_zero).astype(value.dtype), measured
+
+
+def test_parameters_made_non_finite_under_a_finite_loss_are_never_saved(tmp_path):
+    config = TrainConfig(check_for_nan=False)  # nothing in the step sees the NaN gradients
+    state, _, eval_step, _, static, tx = setup(train_config=config, total_steps=30)
+    mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+    train_step = make_train_step(static, tx, mesh, config, loss_fn=nan_gradients_on_sentinel)
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep_latest=10))
+    hooks = [nan_stop(), checkpoint_hook(checkpointer, CheckpointConfig(every_n_steps=5), lambda e: {})]
+    result = fit(state, train_step, eval_step, PoisonedStream(15), config=LoopConfig(num_train_steps=30),
+                 hooks=hooks)  # fmt: skip
+    checkpointer.wait()
+    # step 15's loss was finite but its update made the parameters NaN; step 16's loss shows it
+    assert (result.status, result.step) == ("nan", 16)
+    assert checkpointer.steps() == [5, 10]
+    checkpointer.close()
+
+
 TRAIN_ARGS = [
     "model.vocab_size=4096",
     "model.embedding_dim=32",

@@ -83,13 +83,24 @@ def profiler(directory: str | Path, first_step: int, num_steps: int = 5) -> Hook
     return main_process_only(_Profiler(directory, first_step, num_steps))
 
 
+@jax.jit
+def _all_finite(params: Any) -> jax.Array:
+    """One bool: every floating-point parameter is finite."""
+    leaves = [x for x in jax.tree.leaves(params) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
+
+
 def checkpoint_hook(checkpointer: Any, config: CheckpointConfig, meta: Callable[[Event], dict[str, Any]]) -> Hook:
     """Saves through ``checkpointer`` every ``every_n_steps`` steps, after each validation (with its metrics,
-    so the best can be kept) and at the end of a run that did not stop on NaN. Never saves a non-finite step.
+    so the best can be kept) and at the end of a run that did not stop on NaN. Never saves a non-finite step,
+    nor non-finite parameters (which a finite loss can hide when ``train.check_for_nan`` is off).
     A ``monitor`` missing from the validation metrics is an error naming the metrics that exist."""
 
     def save(event: Event, metrics: Mapping[str, Any] | None = None) -> None:
         if event.step == checkpointer.latest_step():  # already saved (e.g. at its validation, or a finished run)
+            return
+        if not bool(_all_finite(event.state.params)):
+            LOGGER.warning("not saving checkpoint %d: its parameters are not all finite", event.step)
             return
         scalars = None if metrics is None else {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         checkpointer.save(event.step, event.state, meta=meta(event), metrics=scalars)
