@@ -293,6 +293,11 @@ def test_noreduce_values_concatenate_on_host():
         ("gloss", None),
         ("lossy", None),
         ("accuracy", None),
+        ("z_loss", None),
+        ("z_loss_mean", None),
+        ("val_z_loss", None),
+        ("shakespeare_z_loss_single", None),
+        ("shakespeare_loss", "shakespeare_perplexity"),
     ],
 )
 def test_perplexity_key(key, expected):

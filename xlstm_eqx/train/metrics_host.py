@@ -117,11 +117,13 @@ def perplexity_key(key: str) -> str | None:
     ``first_perplexity``, ``loss_mean`` -> ``perplexity_mean``, ``eval_loss_single`` -> ``eval_perplexity_single``.
 
     The base name must be exactly ``loss`` or end in ``_loss`` (``gloss`` is not a loss), and the only suffixes
-    are ``_mean`` and ``_single``: exp of ``_std``, ``_max`` or the raw noreduce sums is not a perplexity.
+    are ``_mean`` and ``_single``: exp of ``_std``, ``_max`` or the raw noreduce sums is not a perplexity. The
+    z-loss (``z_loss``, ``val_z_loss``: a mean of squared log-normalisers, not a cross entropy) has none.
     """
     for suffix in ("", "_mean", "_single"):
         base = key[: len(key) - len(suffix)]
-        if key.endswith(suffix) and (base == "loss" or base.endswith("_loss")):
+        is_z_loss = base == "z_loss" or base.endswith("_z_loss")
+        if key.endswith(suffix) and (base == "loss" or base.endswith("_loss")) and not is_z_loss:
             return base[: -len("loss")] + "perplexity" + suffix
     return None
 
