@@ -48,6 +48,22 @@ def test_chunked_equals_full_sequence(mesh_shape, chunk_size):
     assert chunked["accuracy"] == pytest.approx(full["accuracy"], rel=1e-5)
 
 
+def test_every_log_mode_sees_the_batch_not_the_chunks():
+    """max / std / single over batches equal eval_step's: a batch's chunks are summed before they are logged."""
+    mesh, state, static = setup((2, 2, 2))
+    modes = ("mean", "max", "std", "single")
+    eval_step = make_eval_step(static, mesh, modes=modes)
+    recurrent = make_recurrent_eval_step(static, mesh, chunk_size=7, modes=modes)  # 24 tokens: 4 chunks
+    full, chunked = None, None
+    for i in range(3):
+        batch = make_batch(jax.random.key(10 + i))
+        full, chunked = eval_step(state, batch, full), recurrent(state, batch, chunked)
+    full, chunked = to_host(full), to_host(chunked)
+    assert sorted(chunked) == sorted(full) and "loss_std" in full and full["loss_std"] > 0
+    for key, value in full.items():
+        assert chunked[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
 def test_a_65536_token_document_in_chunks():
     """Runs in memory bounded by the chunk: only (rows, chunk) activations ever exist."""
     config = ModelConfig(vocab_size=32, embedding_dim=32, num_blocks=1, num_heads=2, chunk_size=64)

@@ -25,22 +25,11 @@ from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
 from ..parallel import TP_AXIS, batch_axes, batch_spec, parameter_specs
 from .loss import ChunkMeasure, lm_measure, measure_in_slices
-from .metrics import LastArrayAcc, Metrics, ModesSpec, accumulate, merge_metrics, reduce_measured
+from .metrics import ModesSpec, accumulate, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
 EVAL_MODES = ("mean_nopostfix",)
-
-
-def _sum_chunks(old: Metrics, new: Metrics) -> Metrics:
-    """Folds one chunk into the batch's metrics: per-example (noreduce) values and counts are summed row by row,
-    so a row's value covers the whole row, as in one full-length ``eval_step``; other modes merge as usual."""
-    summed = {
-        key: LastArrayAcc(old[key].value + acc.value, old[key].count + acc.count, with_count=acc.with_count)
-        for key, acc in new.items()
-        if isinstance(acc, LastArrayAcc)
-    }
-    return {**merge_metrics(old, new), **summed}
 
 
 def _state_spec(mesh: Mesh) -> Any:
@@ -67,7 +56,8 @@ def make_recurrent_eval_step(
     up to rounding. ``measure(logits, piece)`` (default: loss and accuracy) gives the ``Measured`` values of a
     slice of at most ``logits_slice`` positions of a chunk (None: the most with rows·slice·vocab ≤
     ``LOGITS_SLICE_ELEMENTS`` on each device), logged with ``modes``. Values and counts must be sums over
-    positions: they are added across a chunk's slices and, per example, across a row's chunks. The jitted
+    positions: they are added across a chunk's slices and across a row's chunks, so every mode (``max``,
+    ``std``, per-example ones) treats the batch as one step, as :func:`make_eval_step` does. The jitted
     per-chunk step is the returned function's ``chunk_step`` attribute, for inspection.
     """
     if chunk_size < 1:
@@ -107,13 +97,13 @@ def make_recurrent_eval_step(
         if pad:  # padded columns are unscored (mask False) and come after every real token
             batch = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, pad))), batch)
             resets = jnp.pad(resets, ((0, 0), (0, pad)))
-        model_state, batch_metrics = zero_state(rows), None
+        model_state, summed = zero_state(rows), None
         for i in range(n_chunks):
             cut = slice(i * chunk_size, (i + 1) * chunk_size)
             chunk = jax.tree.map(lambda x, cut=cut: x[:, cut], batch)
             model_state, measured = chunk_step(state.params, model_state, chunk, resets[:, cut])
-            new = accumulate(measured, modes)
-            batch_metrics = new if batch_metrics is None else _sum_chunks(batch_metrics, new)
+            summed = measured if summed is None else jax.tree.map(jnp.add, summed, measured)
+        batch_metrics = accumulate(summed, modes)  # the chunks' sums are one batch's, as eval_step's are
         return batch_metrics if metrics is None else merge_metrics(metrics, batch_metrics)
 
     recurrent_eval_step.chunk_step = chunk_step
