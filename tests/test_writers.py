@@ -4,6 +4,7 @@ import csv
 import json
 import struct
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
@@ -15,7 +16,8 @@ ROWS = [
     ("train", 20, 1, {"loss_mean": 3.0, "grad_norm_mean": 1.0, "param_norm": 40.5, "step_time": 0.1}),
     ("val", 20, 1, {"loss": 3.2, "accuracy": 0.25, "perplexity": float(np.exp(3.2))}),
     ("train", 30, 2, {"loss_mean": np.float32(2.75), "grad_norm_mean": np.array(0.5), "param_norm": 41.0}),
-]
+    ("train", 40, 2, {"loss_mean": jnp.float32(2.5), "grad_norm_mean": jnp.array(0.25), "param_norm": 41.5}),
+]  # the last row's values are device arrays (a hook may log them unconverted)
 
 
 def write_all(writer):
@@ -36,7 +38,7 @@ def test_jsonl_rows_read_back_equal(tmp_path):
 
 def test_jsonl_keeps_per_example_arrays_and_appends_on_resume(tmp_path):
     writer = JsonlWriter(tmp_path)
-    writer.write("val", 5, 1, {"loglik_single_noreduce_wcount": (np.array([-1.5, -2.0]), np.array([3, 4]))})
+    writer.write("val", 5, 1, {"loglik_single_noreduce_wcount": (np.array([-1.5, -2.0]), jnp.array([3, 4]))})
     writer.close()
     JsonlWriter(tmp_path).write("val", 6, 1, {"loss": 1.0})  # a resumed run appends
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -51,13 +53,14 @@ def test_csv_streams_rows_and_widens_the_header(tmp_path):
     for row in ROWS[1:]:
         writer.write(*row)
     train = list(csv.DictReader(writer.path("train").open()))
-    assert [float(r["log_step"]) for r in train] == [10, 20, 30]
+    assert [float(r["log_step"]) for r in train] == [10, 20, 30, 40]
     assert train[0]["step_time"] == "" and float(train[1]["step_time"]) == 0.1  # widened once, earlier cell empty
     assert float(train[2]["loss_mean"]) == pytest.approx(2.75) and float(train[2]["grad_norm_mean"]) == 0.5
+    assert float(train[3]["loss_mean"]) == 2.5 and float(train[3]["grad_norm_mean"]) == 0.25
     val = list(csv.DictReader(writer.path("val").open()))
     assert float(val[0]["accuracy"]) == 0.25
-    CsvWriter(tmp_path).write("train", 40, 2, {"loss_mean": 2.5})  # a resumed run continues the same file
-    assert [r["log_step"] for r in csv.DictReader(writer.path("train").open())] == ["10", "20", "30", "40"]
+    CsvWriter(tmp_path).write("train", 50, 2, {"loss_mean": 2.25})  # a resumed run continues the same file
+    assert [r["log_step"] for r in csv.DictReader(writer.path("train").open())] == ["10", "20", "30", "40", "50"]
 
 
 def read_scalars(directory):
@@ -78,11 +81,12 @@ def read_scalars(directory):
 def test_tensorboard_scalars_read_back_equal(tmp_path):
     write_all(TensorBoardWriter(tmp_path))
     scalars = read_scalars(tmp_path)
-    assert [step for step, _ in scalars["train/loss_mean"]] == [10, 20, 30]
-    assert [value for _, value in scalars["train/loss_mean"]] == pytest.approx([3.5, 3.0, 2.75])
+    assert [step for step, _ in scalars["train/loss_mean"]] == [10, 20, 30, 40]
+    assert [value for _, value in scalars["train/loss_mean"]] == pytest.approx([3.5, 3.0, 2.75, 2.5])
     assert scalars["val/accuracy"] == [(20, pytest.approx(0.25))]
 
 
 def test_finite_check():
     assert is_finite_row(ROWS[0][3])
     assert not is_finite_row({"loss_mean": float("nan")})
+    assert not is_finite_row({"loss_mean": jnp.float32(float("inf"))})

@@ -17,8 +17,16 @@ import numpy as np
 STEP, EPOCH = "log_step", "log_epoch"
 
 
+def _host(value: Any) -> Any:
+    """A device array (``jax.Array``, or anything else with ``__array__``) as a numpy array; others unchanged."""
+    if hasattr(value, "__array__") and not isinstance(value, np.ndarray | np.generic):
+        return np.asarray(value)
+    return value
+
+
 def _scalar(value: Any) -> float | None:
     """``value`` as a float if it is a scalar number, else None."""
+    value = _host(value)
     if isinstance(value, bool | int | float | np.integer | np.floating):
         return float(value)
     if isinstance(value, np.ndarray) and value.size == 1:
@@ -27,6 +35,7 @@ def _scalar(value: Any) -> float | None:
 
 
 def _plain(value: Any) -> Any:
+    value = _host(value)
     if isinstance(value, np.ndarray | np.generic):
         return value.tolist()
     if isinstance(value, tuple):
