@@ -60,6 +60,21 @@ def test_build_is_deterministic_and_the_shipped_files_are_its_output(built, tmp_
     ]
 
 
+def test_the_loader_names_the_file_and_line_of_a_bad_doc(tmp_path):
+    import importlib.util
+
+    build_tasks(tmp_path, seed=0)
+    path = tmp_path / "shakespeare_cloze.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + '{"context": "cut off\n' + "".join(lines[3:]), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("loader_under_test", tmp_path / f"{tasks.LOADER}.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    assert len(loader.load({"test": "shakespeare_ppl.jsonl"})["test"]) == 20
+    with pytest.raises(ValueError, match=r"shakespeare_cloze\.jsonl:3: not valid JSON"):
+        loader.load({"test": "shakespeare_cloze.jsonl"})
+
+
 def test_sizes(built):
     counts = {task: len(_docs(built, task)) for task in BUNDLED_TASKS}
     assert counts == {"shakespeare_cloze": 200, "shakespeare_next_line": 200, "shakespeare_ppl": 20}

@@ -64,13 +64,23 @@ import datasets
 HERE = Path(__file__).resolve().parent
 
 
+def _rows(path):
+    """The JSON values of a JSONL file's non-blank lines; a bad line is an error naming the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+    return rows
+
+
 def load(data_files, **metadata):
     """``{split: JSONL path, relative to this folder}`` -> an in-memory DatasetDict (no hub, no Arrow cache)."""
-    splits = {}
-    for split, name in data_files.items():
-        with open(HERE / name, encoding="utf-8") as f:
-            splits[split] = datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
-    return datasets.DatasetDict(splits)
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(_rows(HERE / name))
+                                 for split, name in data_files.items()})  # fmt: skip
 '''
 
 _TASK_BODIES = {
