@@ -127,7 +127,7 @@ def test_scoring_fields_reach_the_scorer(run):
     default = lm_from_checkpoint(run[0])
     data = load_from_checkpoint(run[0]).config.data
     assert default.scorer.settings.window == data.seq_len
-    assert default.scorer.settings.batch_size == data.eval_batch_size or data.global_batch_size
+    assert default.scorer.settings.batch_size == (data.eval_batch_size or data.global_batch_size)
     assert default.use_infinite_eval and default.scorer.settings.chunk_size == 64
 
 

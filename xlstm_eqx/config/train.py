@@ -14,7 +14,9 @@ class TrainConfig:
     """What a train/eval step computes and reports. Loop cadence (validation, logging) lives with the loop.
 
     ``gradient_accumulate_steps`` micro-batches per step (``gradient_accumulate_scan``: lax.scan instead of an
-    unrolled loop); ``check_for_nan`` skips and flags a step whose loss or gradients are not finite;
+    unrolled loop); ``check_for_nan`` skips and flags a step whose loss or gradients are not finite (the step
+    counter advances, the optimizer's schedule count does not: the learning rate continues from where the
+    last applied update left it);
     ``debug`` runs the steps without jit (same numbers, Python-level debugging); ``seed_eval`` seeds any
     randomness of evaluation; ``z_loss`` adds z·logsumexp(logits)² to the objective.
     """
