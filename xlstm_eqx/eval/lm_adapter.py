@@ -160,14 +160,14 @@ class XlstmEqxLM(TemplateLM):
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_tokens = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-            do_sample = gen_kwargs.pop("do_sample", None)
-            temperature = float(gen_kwargs.pop("temperature", 0.0)) if do_sample is not False else 0.0
+            temperature = _temperature(gen_kwargs.pop("do_sample", None), gen_kwargs.pop("temperature", None))
             top_k, top_p = gen_kwargs.pop("top_k", None), gen_kwargs.pop("top_p", None)
             if gen_kwargs:  # refuse rather than silently ignore a sampling setting
                 raise ValueError(f"generate_until: unsupported gen_kwargs {sorted(gen_kwargs)} in request {index}")
             prompt = self._with_eod(self.tok_encode(context))
             if not self.use_infinite_eval:  # the recurrent prefill takes any length; windows do not
                 prompt = prompt[-self.context_length :]
+            prompt = bucketed_prompt(prompt, self.eot_token_id)
             tokens = generate_jit(
                 self.model, jnp.asarray(prompt, jnp.int32), max_tokens, key=jax.random.fold_in(self._key, index),
                 temperature=temperature, top_k=top_k, top_p=top_p, eod_id=self.eot_token_id,
@@ -179,3 +179,25 @@ class XlstmEqxLM(TemplateLM):
             cut = min((text.find(stop) for stop in until if stop and stop in text), default=len(text))
             out.append(text[:cut])
         return out
+
+
+def _temperature(do_sample: bool | None, temperature: float | None) -> float:
+    """The sampling temperature a request's gen_kwargs ask for (0: greedy). ``do_sample=False`` is greedy whatever
+    the temperature (lm-eval's defaults send it with ``temperature=0``); ``do_sample=True`` without a temperature
+    samples at 1, as transformers' ``generate`` does; a temperature alone is used as given."""
+    if do_sample is False:
+        return 0.0
+    if temperature is None:
+        return 1.0 if do_sample else 0.0
+    return float(temperature)
+
+
+def bucketed_prompt(prompt: list[int], eod_id: int, smallest: int = 16) -> list[int]:
+    """``prompt`` left-padded with EOD ids to a power of two (at least ``smallest``), so that prompts of many lengths
+    share a few compiled generation programs instead of one each. Only a prompt that starts with EOD is padded:
+    that EOD wipes the memory the pads wrote (exactly), so the continuation depends on the padding only through
+    float rounding (the chunks align differently)."""
+    if not prompt or prompt[0] != eod_id:
+        return prompt
+    size = max(smallest, 1 << (len(prompt) - 1).bit_length())
+    return [eod_id] * (size - len(prompt)) + prompt
