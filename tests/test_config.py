@@ -42,6 +42,12 @@ def test_derived_sizes_of_the_7b_preset():
         ("model.num_blcks=4", "model.num_blcks", "unknown key"),
         ("model.num_blocks=four", "model.num_blocks", "expected int"),
         ("model.num_blocks=2.5", "model.num_blocks", "expected int"),
+        ("model.num_blocks=yes", "model.num_blocks", "expected int, got True"),  # YAML 1.1: yes is True (== 1)
+        ("loop.num_train_steps=true", "loop.num_train_steps", "expected int | None, got True"),
+        ("mesh.data=false", "mesh.data", "expected int"),
+        ("data.validation_files=[val.txt]", "data.validation_files", "read only with corpus: files"),
+        ("data.worker_count=-1", "data.worker_count", "must be ≥ 0"),
+        ("model.ffn_round_up_to_multiple_of=0", "model.ffn_round_up_to_multiple_of", "must be positive"),
         ("model.kernel=flash", "model.kernel", "expected"),
         ("model.num_heads=3", "model.qk_dim_factor", "multiple of num_heads = 3"),
         ("model.chunk_size=0", "model.chunk_size", "must be positive"),

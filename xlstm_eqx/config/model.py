@@ -54,7 +54,8 @@ class ModelConfig:
     scan_blocks: bool = True
 
     def __post_init__(self):
-        positive = ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "chunk_size")
+        positive = ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "chunk_size",
+                    "ffn_round_up_to_multiple_of")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)}")

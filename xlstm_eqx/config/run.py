@@ -44,6 +44,12 @@ class DataSection:
             raise ConfigError("eval_batch_size", f"must be ≥ 1 or null, got {self.eval_batch_size}")
         if self.corpus == "files" and not self.train_files:
             raise ConfigError("train_files", "corpus 'files' needs at least one training file or folder")
+        for name in ("train_files", "validation_files", "test_files"):
+            if self.corpus != "files" and getattr(self, name):
+                raise ConfigError(name, f"is read only with corpus: files (corpus is {self.corpus!r}, which would "
+                                        "ignore it); set data.corpus=files")  # fmt: skip
+        if self.worker_count < 0:
+            raise ConfigError("worker_count", f"must be ≥ 0 (0: load in this process), got {self.worker_count}")
         if self.val_max_batches is not None and self.val_max_batches < 1:
             raise ConfigError("val_max_batches", f"must be ≥ 1 or null, got {self.val_max_batches}")
 

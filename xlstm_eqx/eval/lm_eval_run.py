@@ -49,7 +49,8 @@ def load_tokenizer(config: LMEvalConfig, run_tokenizer: str | None = None) -> To
     """``config.tokenizer_path``, else the run's tokenizer file, else the shipped Shakespeare BPE."""
     path = config.tokenizer_path or run_tokenizer or DEFAULT_TOKENIZER
     if not Path(path).is_file():
-        raise FileNotFoundError(f"lm_eval.tokenizer_path: no tokenizer file at {path}")
+        field = "lm_eval.tokenizer_path" if config.tokenizer_path else "data.tokenizer (lm_eval.tokenizer_path unset)"
+        raise FileNotFoundError(f"{field}: no tokenizer file at {path}")
     return Tokenizer.load(path)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from ..config.parsing import ConfigError
 from ..config.run import DataSection
 from ..data.corpus import default_corpus
 from ..data.loader import BatchIterator, eval_batches, eval_num_batches, train_batches
@@ -61,6 +62,10 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
     """Opens the splits, counts one training epoch (batches and token frequencies) and builds the iterators.
     Batches are global arrays sharded over the mesh's batch axes."""
     train_paths, val_paths, test_paths = split_paths(section)
+    for name in ("global_batch_size", "eval_batch_size"):  # every process loads its own equal share of rows
+        rows = getattr(section, name)
+        if rows is not None and rows % jax.process_count():
+            raise ConfigError(f"data.{name}", f"{rows} rows do not split over {jax.process_count()} processes")
     sharding = NamedSharding(mesh, batch_spec(2, mesh))
     train_source = open_documents(train_paths)
     one_pass = train_dataset(train_source, tokenizer, _data_config(section, section.global_batch_size, num_epochs=1))
