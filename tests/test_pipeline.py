@@ -241,6 +241,13 @@ def test_jsonl_source_and_errors(tmp_path):
     broken = write(tmp_path / "c.jsonl", '{"text": "ok"}\n{oops\n')
     with pytest.raises(ValueError, match=r"c\.jsonl:2: invalid JSON"):
         host(train_batches(JsonlSource(broken), ByteTokenizer(), DataConfig(8, 1, num_epochs=1)))
+    latin1 = tmp_path / "d.jsonl"
+    latin1.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8"):
+        JsonlSource(latin1)[1]
+    (tmp_path / "e.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match=r"e\.txt: not UTF-8 text \(byte 3"):
+        TextFileSource(tmp_path / "e.txt")[0]
 
 
 def test_missing_and_empty_corpus_errors(tmp_path):

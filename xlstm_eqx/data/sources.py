@@ -58,7 +58,11 @@ class TextFileSource:
         return len(self.files)
 
     def __getitem__(self, index: int) -> str:
-        return Path(self.files[index]).read_text(encoding="utf-8")
+        path = Path(self.files[index])
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 class JsonlSource:
@@ -92,6 +96,8 @@ class JsonlSource:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{name}:{line_no}: invalid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}:{line_no}: not UTF-8 (byte {e.start} of the line: {e.reason})") from None
         if not isinstance(record, dict) or self.text_field not in record:
             raise KeyError(f"{name}:{line_no}: missing text field {self.text_field!r}")
         text = record[self.text_field]
