@@ -103,6 +103,17 @@ def test_greedy_continuation_is_flagged_greedy(model):
         assert greedy and not not_greedy
 
 
+def test_greedy_ties_go_to_the_lowest_id_as_argmax_does():
+    from xlstm_eqx.train.loss import target_scores
+
+    logits = jnp.asarray([[0.0, 2.0, 1.0, 2.0]] * 4)  # ids 1 and 3 tie for the largest logit
+    targets = jnp.asarray([1, 3, 2, 0])
+    _, any_tie = target_scores(logits, targets)
+    _, first = target_scores(logits, targets, ties_to_first=True)
+    assert any_tie.tolist() == [True, True, False, False]
+    assert first.tolist() == (jnp.argmax(logits, axis=-1) == targets).tolist() == [True, False, False, False]
+
+
 @pytest.mark.parametrize("chunk_size", [7, 16, 200])
 def test_recurrent_document_score_equals_full_sequence(model, chunk_size):
     tokens = random_tokens(9, 61)

@@ -44,9 +44,10 @@ ROW_MODES = {"loglikelihood": ("single_noreduce_wcount",), "accuracies": ("singl
 
 def row_measurements(logits: Float[Array, "batch t vocab"], batch: Batch) -> dict[str, Measured]:
     """Per row: Σ log p(target) over the scored targets, and the number of scored targets that were the most likely
-    token (greedy), each with the row's scored-target count."""
+    token (greedy: ``argmax == target``, ties to the lowest id as in lm-eval), each with the row's scored-target
+    count."""
     mask = batch.loss_mask.astype(jnp.float32)
-    log_likelihood, is_top = target_scores(logits.astype(jnp.float32), batch.targets)
+    log_likelihood, is_top = target_scores(logits.astype(jnp.float32), batch.targets, ties_to_first=True)
     correct = is_top.astype(jnp.float32)
     count = jnp.sum(mask, axis=-1)
     return {
