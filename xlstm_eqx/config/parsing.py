@@ -60,6 +60,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if len(args) == len(value):
             return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         return tuple(value)
+    if hint is int and isinstance(value, bool):  # beartype takes a bool for an int; YAML's yes/true is not 1
+        raise ConfigError(path, f"expected int, got {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -82,24 +84,6 @@ def _admits_bool(hint: Any) -> bool:
     return False
 
 
-def _misplaced_bool(value: Any, hint: Any) -> bool:
-    """A bool where ``hint`` wants a number (``num_blocks: yes`` is YAML for True, i.e. 1), also inside tuples."""
-    if isinstance(value, bool):
-        return not _admits_bool(hint)
-    if isinstance(value, tuple):
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        tuples = [o for o in options if typing.get_origin(o) is tuple]
-        return bool(tuples) and all(
-            any(_misplaced_bool(v, a) for v, a in zip(value, _element_hints(o, len(value)))) for o in tuples
-        )
-    return False
-
-
-def _element_hints(hint: Any, length: int) -> list[Any]:
-    args = typing.get_args(hint)
-    return [args[0]] * length if len(args) == 2 and args[1] is Ellipsis else list(args)
-
-
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Builds dataclass ``cls`` from ``data``, checking keys, types and the class's own invariants."""
     if not isinstance(data, dict):
@@ -113,7 +97,7 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     for name, raw in data.items():
         field_path = _join(path, name)
         value = _coerce(raw, hints[name], field_path)
-        if not is_bearable(value, hints[name]) or _misplaced_bool(value, hints[name]):
+        if not is_bearable(value, hints[name]) or (isinstance(value, bool) and not _admits_bool(hints[name])):
             raise ConfigError(field_path, f"expected {_hint_name(hints[name])}, got {value!r}")
         kwargs[name] = value
     try:
