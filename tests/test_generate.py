@@ -159,6 +159,10 @@ def test_same_key_same_sample_other_key_differs(model):
     assert first.shape == (NUM_TOKENS,) and first.dtype == jnp.int32
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)  # 12 draws from a top-40 softmax all colliding: negligible
+    # numpy integers pass the argument check, so they must be static like the Python ints they equal
+    numpy_ints = generate_jit(model, prompt, np.int64(NUM_TOKENS), key=jax.random.key(4), temperature=0.8,
+                              top_k=np.int32(40), eod_id=np.int64(0))  # fmt: skip
+    np.testing.assert_array_equal(numpy_ints, first)
 
 
 def test_sample_text_with_the_shipped_tokenizer(model):

@@ -114,6 +114,10 @@ def test_monitor_errors_are_clear(corpus, tmp_path):
         train_job(job_config(corpus, tmp_path / "a", "checkpoint.monitor=perplexity_x", "checkpoint.every_n_steps=2"))
     kept = Checkpointer(tmp_path / "a" / "checkpoints", CheckpointConfig(), read_only=True)
     assert kept.steps() == [2]  # saved before the failing validation (step 4 saves at its validation): intact
+    status = json.loads((tmp_path / "a" / "status.json").read_text())
+    assert status["status"] == "error" and "perplexity_x" in status["error"]  # the run's record says why
+    text = (tmp_path / "a" / "output.log").read_text()
+    assert "the run failed" in text and "Traceback" in text and "step 2/" in text
     with pytest.raises(ConfigError, match="never validates"):
         train_job(job_config(corpus, tmp_path / "b", "loop.check_val_every_n_steps=-1",
                              "loop.check_val_every_n_epoch=-1"))  # fmt: skip
@@ -141,3 +145,9 @@ def test_sharded_job_equals_single_device_job(corpus, tmp_path):
     rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     parallel = [r for r in rows(tmp_path / "four") if r["mode"] == "parallel"][0]
     assert (parallel["mesh_data"], parallel["mesh_fsdp"]) == (2, 2)
+
+
+def test_an_eval_batch_the_mesh_cannot_split_is_refused_before_anything_runs(corpus, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.eval_batch_size: 3 rows do not split over the mesh's data × fsdp = 2"):
+        train_job(job_config(corpus, tmp_path / "run", "mesh.data=2", "data.eval_batch_size=3"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -220,7 +220,10 @@ def test_logs_read_back_equal_to_the_metrics(tiny, tmp_path):
     assert [s for s, _ in scalars["train/loss_mean"]] == [4, 8, 12]
     assert (tmp_path / "config.yaml").read_text().startswith("model:")
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "success"
-    assert "run finished with status success" in (tmp_path / "output.log").read_text()
+    text = (tmp_path / "output.log").read_text()
+    assert "run finished with status success" in text
+    for line in ("step 4/12: loss_mean ", "validation at step 8: loss ", "epoch 2 starts at step 6", "test of step 12"):
+        assert line in text, line  # progress goes to the text log as well
     assert math.isfinite(result.results["test"]["loss"])
 
 
@@ -304,3 +307,19 @@ def test_a_validation_iterator_is_refused_before_training(tiny):
         fit(state, train_step, eval_step, Stream(), config=config, val_data=iter(eval_set(1)))
     with pytest.raises(TypeError, match=r"val_data\['plays'\] is an iterator"):
         fit(state, train_step, eval_step, Stream(), config=config, val_data={"a": eval_set(1), "plays": Stream()})
+
+
+def test_a_failing_eval_step_fails_before_the_first_train_step(tiny):
+    state, train_step, eval_step, *_ = tiny
+    hook, seen = recorder()
+
+    def broken(state, batch, metrics):
+        if batch.inputs.shape[0] != 3:
+            raise ValueError("global batch size 8 is not divisible by data×fsdp = 3")
+        return eval_step(state, batch, metrics)
+
+    config = LoopConfig(num_train_steps=8, check_val_every_n_steps=4)
+    with pytest.raises(ValueError, match="not divisible") as raised:
+        fit(state, train_step, broken, Stream(), config=config, val_data={"plays": eval_set(1)}, hooks=[hook])
+    assert "first batch of validation set 'plays', checked before training" in str(raised.value.__notes__)
+    assert [kind for kind, *_ in seen] == []  # not even train_start: no step was taken

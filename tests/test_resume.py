@@ -58,7 +58,7 @@ def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, che
     train_step = make_train_step(static, tx, mesh, config, loss_fn=nan_on_sentinel)
     checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep_latest=10))
     meta = lambda e: {"step": e.step, "data_state": e.data_state}  # noqa: E731
-    hooks = [nan_stop(), checkpoint_hook(checkpointer, CheckpointConfig(every_n_steps=5), meta)]
+    hooks = [checkpoint_hook(checkpointer, CheckpointConfig(every_n_steps=5), meta)]  # fit stops on NaN itself
     result = fit(state, train_step, eval_step, PoisonedStream(13), config=LoopConfig(num_train_steps=30),
                  val_data=eval_set(1), test_data=eval_set(1), hooks=hooks)  # fmt: skip
     checkpointer.wait()
@@ -76,6 +76,24 @@ def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, che
     checkpointer.close()
 
 
+def test_without_stop_on_nan_a_checked_nan_step_is_skipped_and_training_goes_on():
+    config = TrainConfig(check_for_nan=True)
+    state, _, eval_step, _, static, tx = setup(train_config=config, total_steps=6)
+    mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+    train_step = make_train_step(static, tx, mesh, config, loss_fn=nan_on_sentinel)
+    seen = []
+    hooks = [lambda e: seen.append(e.step) if e.kind == "step" and e.nonfinite else None]
+    result = fit(state, train_step, eval_step, PoisonedStream(3), config=LoopConfig(num_train_steps=6),
+                 hooks=hooks, stop_on_nan=False)  # fmt: skip
+    assert (result.status, result.step, seen) == ("success", 6, [3])
+    assert all(np.isfinite(leaf).all() for leaf in params_numpy(result.state))
+    # an explicit nan_stop hook still stops a run that turned the built-in stop off
+    state, *_ = setup(train_config=config, total_steps=6)
+    result = fit(state, train_step, eval_step, PoisonedStream(3), config=LoopConfig(num_train_steps=6),
+                 hooks=[nan_stop()], stop_on_nan=False)  # fmt: skip
+    assert (result.status, result.step) == ("nan", 3)
+
+
 def nan_gradients_on_sentinel(model, batch, key, **kwargs):
     """The loss itself, always finite, whose gradients are NaN on the sentinel batch (0 · sqrt'(0) · 0)."""
     value, measured = lm_loss(model, batch, key, **kwargs)
@@ -90,7 +108,7 @@ def test_parameters_made_non_finite_under_a_finite_loss_are_never_saved(tmp_path
     mesh = jax.tree.leaves(state.params)[0].sharding.mesh
     train_step = make_train_step(static, tx, mesh, config, loss_fn=nan_gradients_on_sentinel)
     checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep_latest=10))
-    hooks = [nan_stop(), checkpoint_hook(checkpointer, CheckpointConfig(every_n_steps=3), lambda e: {})]
+    hooks = [checkpoint_hook(checkpointer, CheckpointConfig(every_n_steps=3), lambda e: {})]
     result = fit(state, train_step, eval_step, PoisonedStream(6), config=LoopConfig(num_train_steps=30),
                  hooks=hooks)  # fmt: skip
     checkpointer.wait()

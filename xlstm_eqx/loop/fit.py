@@ -15,8 +15,9 @@ from ..config.parsing import ConfigError
 from ..config.run import LoopConfig
 from ..train.metrics import merge_metrics
 from ..train.metrics_host import add_perplexity, to_host
-from .evaluate import EvalSets, evaluate
+from .evaluate import EvalSets, evaluate, fresh_pass
 from .events import Event, Hook, Stop, fire
+from .hooks import nan_stop
 from .logger import RunLogger, StepTimer
 
 LOSS_KEYS = ("loss_mean", "loss_single", "loss", "loss_max")
@@ -68,6 +69,28 @@ def _check_reiterable(sets: EvalSets | None, field: str) -> None:
             )
 
 
+def check_eval_step(eval_step: Callable[..., Any], state: Any, sets: EvalSets) -> None:
+    """Runs ``eval_step`` on the first batch of every set and waits for it, so that a broken eval step or an
+    evaluation batch the mesh cannot split fails before training, not at the first validation hours later.
+    Consumes nothing: every set is re-iterable. An error gets a note naming the set."""
+    named = sets.items() if isinstance(sets, Mapping) else [("", sets)]
+    for name, one in named:
+        batch = next(iter(fresh_pass(one)), None)
+        if batch is None:
+            continue
+        try:
+            jax.block_until_ready(eval_step(state, getattr(batch, "batch", batch), None))
+        except Exception as error:
+            where = f"validation set {name!r}" if name else "the validation set"
+            error.add_note(f"(eval_step failed on the first batch of {where}, checked before training)")
+            raise
+
+
+def _describe(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """``key value`` pairs of the scalars among ``keys`` that ``row`` has, for the text log."""
+    return ", ".join(f"{k} {row[k]:.5g}" for k in keys if isinstance(row.get(k), int | float))
+
+
 def run_info(state: Any, batch: Any, total: int, per_epoch: int) -> dict[str, dict[str, Any]]:
     """Start-up summary rows: ``model`` (parameters, optimizer-state size), ``dataset``, ``parallel`` (mesh)."""
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
@@ -106,6 +129,7 @@ def fit(
     logger: RunLogger | None = None,
     restore_best: Callable[[Any], tuple[Any, int]] | None = None,
     process_index: int = 0,
+    stop_on_nan: bool = True,
 ) -> FitResult:
     """Trains ``state`` from its own step (so a restored state resumes) to the planned total. ``state`` is
     consumed (the train step donates it); use the returned one.
@@ -116,9 +140,14 @@ def fit(
     ``check_val_every_n_steps`` steps and after every ``check_val_every_n_epoch``-th epoch (once per step:
     an epoch-end validation at a step that was just validated re-uses that result). The test runs at the end
     on ``restore_best(state) -> (state, step)`` (the best checkpoint) if given, else on the final state.
+
+    ``stop_on_nan``: stop with status ``nan`` at the first non-finite step or validation (:func:`.hooks.nan_stop`
+    runs before ``hooks``); with the train step's ``check_for_nan`` that step changed nothing. Before the first
+    step, ``eval_step`` is tried on the first batch of every validation set (:func:`check_eval_step`).
     """
     total, per_epoch = plan_steps(config, steps_per_epoch)
     _check_reiterable(val_data, "val_data")
+    hooks = [nan_stop(), *hooks] if stop_on_nan else list(hooks)
     step = int(jax.device_get(state.step))
     write = logger.write if logger is not None else (lambda *args: True)
     results: dict[str, dict[str, Any]] = {}
@@ -150,10 +179,12 @@ def fit(
     def validate(trigger: str) -> tuple[dict[str, Any], Stop | None]:
         stop = emit("val_start", mode="val", trigger=trigger)
         metrics = evaluate(eval_step, state, val_data)
+        info("validation at step %d: %s", step, _describe(metrics, ("loss", "accuracy", "perplexity")))
         stop = emit("val_end", metrics, mode="val", trigger=trigger) or stop
         timer.reset(step)  # evaluation time never counts as step time
         return metrics, stop
 
+    info = logger.info if logger is not None else (lambda *args: None)
     get_data_state = getattr(train_data, "get_state", lambda: None)
     data_state = get_data_state()  # the stream's position after the last step taken (what a checkpoint needs)
     batch = next(train_data) if step < total else None
@@ -161,8 +192,9 @@ def fit(
     if batch is not None:
         for mode, row in run_info(state, batch, total, per_epoch).items():
             write(mode, step, step // per_epoch + 1, {**row, "start_step": step})
-            if logger is not None:
-                logger.info("%s: %s", mode, ", ".join(f"{k} {v:,}" for k, v in row.items()))
+            info("%s: %s", mode, ", ".join(f"{k} {v:,}" for k, v in row.items()))
+        if val_data is not None:
+            check_eval_step(eval_step, state, val_data)
     stop = emit("train_start")
     bar = tqdm(
         total=total,
@@ -176,6 +208,7 @@ def fit(
     while stop is None and step < total:
         if step % per_epoch == 0:
             epoch_start = time.perf_counter()
+            info("epoch %d starts at step %d", step // per_epoch + 1, step)
             stop = emit("epoch_start", epoch=step // per_epoch + 1)
         started = time.perf_counter()
         state, metrics = train_step(state, batch)
@@ -192,6 +225,7 @@ def fit(
         logged = {}
         if step % log_every_n_steps == 0 or step == total or nonfinite:  # the last interval may be partial
             logged, running = train_row(running), None
+            info("step %d/%d: %s", step, total, _describe(logged, (*LOSS_KEYS, "accuracy_mean", "tokens_per_s")))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / max(now - tick, 1e-9):.0f}", refresh=False)
         tick = now
@@ -225,6 +259,7 @@ def fit(
         test_state, source = restore_best(state) if restore_best is not None else (state, step)
         emit("test_start", mode="test", at_state=test_state)
         metrics = {**evaluate(eval_step, test_state, test_data), "checkpoint_step": source}
+        info("test of step %d: %s", source, _describe(metrics, ("loss", "accuracy", "perplexity")))
         emit("test_end", metrics, mode="test", at_state=test_state)
         results["test"] = metrics
     return FitResult(state, status, step, results, "" if stop is None else stop.reason)

@@ -23,7 +23,7 @@ from ..parallel.distributed import allgather_json
 from ..train import build_optimizer, build_schedule, init, make_eval_step, make_train_step
 from .events import Event, Hook
 from .fit import fit, plan_steps
-from .hooks import checkpoint_hook, lr_monitor, nan_stop, profiler
+from .hooks import checkpoint_hook, lr_monitor, profiler
 from .logger import RunLogger
 from .restore import model_config_check, restore_target, with_schedule_count_at_step
 from .run_data import build_run_data, unigram_perplexity
@@ -139,8 +139,7 @@ def train_job(
                 "tokenizer": tokenizer_meta,
             }
 
-        hooks: list[Hook] = [nan_stop()] if config.hooks.nan_stop else []
-        hooks.append(lr_monitor(schedule, config.hooks.lr_monitor_every_n_steps))
+        hooks: list[Hook] = [lr_monitor(schedule, config.hooks.lr_monitor_every_n_steps)]
         hooks.append(profiler(logger.tensorboard_dir, config.hooks.profile_first_step, config.hooks.profile_num_steps))
         if checkpointer is not None:
             hooks.append(checkpoint_hook(checkpointer, config.checkpoint, meta))
@@ -163,6 +162,7 @@ def train_job(
             log_every_n_steps=config.log.log_every_n_steps, steps_per_epoch=per_epoch, val_data=data.validation,
             test_data=data.test, hooks=hooks, logger=logger,
             restore_best=restore_best if best_known else None, process_index=jax.process_index(),
+            stop_on_nan=config.hooks.nan_stop,
         )  # fmt: skip
         status = result.status
         validations = [v for k, v in result.results.items() if k.startswith("val_")]
@@ -193,6 +193,10 @@ def train_job(
 
             summary["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.jsonl", logger.tensorboard_dir / "loss.png"))
         return summary
+    except BaseException as error:  # the text log and status.json say why the run ended, then it propagates
+        logger.text.exception("the run failed: %s", error)
+        summary = {**summary, "error": f"{type(error).__name__}: {error}"}
+        raise
     finally:
         if checkpointer is not None:
             checkpointer.close()

@@ -22,6 +22,7 @@ from ..data.pipeline import DataConfig, train_dataset
 from ..data.sources import open_documents
 from ..data.tokenizer import Tokenizer
 from ..parallel.distributed import allgather_json
+from ..parallel.mesh import batch_parallel_size
 from ..parallel.sharding import batch_spec
 
 
@@ -62,10 +63,13 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
     """Opens the splits, counts one training epoch (batches and token frequencies) and builds the iterators.
     Batches are global arrays sharded over the mesh's batch axes."""
     train_paths, val_paths, test_paths = split_paths(section)
+    shards = batch_parallel_size(mesh)
     for name in ("global_batch_size", "eval_batch_size"):  # every process loads its own equal share of rows
         rows = getattr(section, name)
         if rows is not None and rows % jax.process_count():
             raise ConfigError(f"data.{name}", f"{rows} rows do not split over {jax.process_count()} processes")
+        if rows is not None and rows % shards:
+            raise ConfigError(f"data.{name}", f"{rows} rows do not split over the mesh's data × fsdp = {shards} shards")
     sharding = NamedSharding(mesh, batch_spec(2, mesh))
     train_source = open_documents(train_paths)
     one_pass = train_dataset(train_source, tokenizer, _data_config(section, section.global_batch_size, num_epochs=1))

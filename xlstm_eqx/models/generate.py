@@ -5,8 +5,8 @@ of the last prompt position and the recurrent state after it. Every further toke
 feeds the previous token through the model with the state carried (a single token always takes the recurrent
 step), so a token costs the same however long the context is.
 
-``generate`` is traceable (wrap it in ``jit`` yourself, with ``num_tokens``, ``temperature``, ``top_k`` and
-``eod_id`` static); ``generate_jit`` checks the arguments eagerly and runs a compiled version, one compilation per
+``generate`` is traceable (wrap it in ``jit`` yourself, with ``num_tokens``, ``temperature``, ``top_k``,
+``eod_id`` and ``top_p`` static); ``generate_jit`` checks the arguments eagerly and runs a compiled version, one compilation per
 prompt length and setting. ``sample_text`` goes from text to text with a
 :class:`~xlstm_eqx.data.tokenizer.Tokenizer`, starting every prompt with the EOD token as training does.
 """
@@ -28,6 +28,8 @@ from .lm import xLSTMLM
 
 __all__ = ["generate", "generate_jit", "sample_text"]
 
+IntLike = int | np.integer  # numpy integers are taken as the Python ints they equal (static under jit)
+
 
 def _is_int(value: object) -> bool:
     if isinstance(value, bool):
@@ -39,13 +41,18 @@ def _is_int(value: object) -> bool:
     return True
 
 
+def _static_int(value: IntLike | None) -> int | None:
+    """A checked int argument as a Python int: a numpy integer would be traced as an array under ``filter_jit``."""
+    return None if value is None else operator.index(value)
+
+
 def check_generate_args(
     model: xLSTMLM,
     prompt: Array,
-    num_tokens: int,
+    num_tokens: IntLike,
     temperature: float,
-    top_k: int | None,
-    eod_id: int | None = None,
+    top_k: IntLike | None,
+    eod_id: IntLike | None = None,
     top_p: float | None = None,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` naming the offending argument. The prompt's token ids are checked here
@@ -147,12 +154,12 @@ def _generate(
 def generate(
     model: xLSTMLM,
     prompt: Int[Array, " p"],
-    num_tokens: int,
+    num_tokens: IntLike,
     *,
     key: PRNGKeyArray,
     temperature: float = 1.0,
-    top_k: int | None = None,
-    eod_id: int | None = None,
+    top_k: IntLike | None = None,
+    eod_id: IntLike | None = None,
     top_p: float | None = None,
 ) -> Int[Array, " num_tokens"]:
     """``num_tokens`` token ids (int32) continuing ``prompt`` (a 1-D array of ids, at least one).
@@ -162,33 +169,35 @@ def generate(
     greedy (argmax; ``key``, ``top_k`` and ``top_p`` unused).
     The same ``key`` gives the same tokens. The prompt is prefilled in one forward call and every new token is
     one recurrent step in a single ``lax.scan``. Traceable: under ``jit`` keep ``num_tokens``, ``temperature``,
-    ``top_k`` and ``eod_id`` static (``generate_jit`` does that for you).
+    ``top_k``, ``eod_id`` and ``top_p`` static (``generate_jit`` does that for you).
 
     ``eod_id`` (the end-of-document id, optional): an EOD input, in the prompt or generated, wipes the memory
     before it is written, so text after an EOD starts a fresh document as in training (each training document's
     inputs start with EOD on an empty memory). Without it the memory runs on across document breaks.
     """
     check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
+    num_tokens, top_k, eod_id = _static_int(num_tokens), _static_int(top_k), _static_int(eod_id)
     return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p)
 
 
-_generate_compiled = eqx.filter_jit(_generate)  # arrays traced; num_tokens, temperature, top_k, eod_id static
+_generate_compiled = eqx.filter_jit(_generate)  # arrays traced; Python scalars (the settings) static
 
 
 def generate_jit(
     model: xLSTMLM,
     prompt: Int[Array, " p"],
-    num_tokens: int,
+    num_tokens: IntLike,
     *,
     key: PRNGKeyArray,
     temperature: float = 1.0,
-    top_k: int | None = None,
-    eod_id: int | None = None,
+    top_k: IntLike | None = None,
+    eod_id: IntLike | None = None,
     top_p: float | None = None,
 ) -> Int[Array, " num_tokens"]:
     """:func:`generate`, compiled: arguments are checked eagerly, then one jitted call does the prefill and the
     scan. Recompiles for a new prompt length, ``num_tokens``, ``temperature``, ``top_k`` or ``eod_id``."""
     check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
+    num_tokens, top_k, eod_id = _static_int(num_tokens), _static_int(top_k), _static_int(eod_id)
     top_p = None if top_p is None else float(top_p)
     return _generate_compiled(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p)
 
