@@ -6,8 +6,8 @@ feeds the previous token through the model with the state carried (a single toke
 step), so a token costs the same however long the context is.
 
 ``generate`` is traceable (wrap it in ``jit`` yourself, with ``num_tokens``, ``temperature``, ``top_k``,
-``eod_id`` and ``top_p`` static); ``generate_jit`` checks the arguments eagerly and runs a compiled version, one compilation per
-prompt length and setting. ``sample_text`` goes from text to text with a
+``eod_id`` and ``top_p`` static); ``generate_jit`` checks the arguments eagerly and runs a compiled version, one
+compilation per prompt length and setting. ``sample_text`` goes from text to text with a
 :class:`~xlstm_eqx.data.tokenizer.Tokenizer`, starting every prompt with the EOD token as training does.
 """
 
