@@ -202,10 +202,13 @@ def test_nonfinite_step_is_skipped_and_flagged():
 def test_train_state_is_donated():
     mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
     tx = optax.sgd(0.1)
-    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    model = perturbed_model(jax.random.key(1))
+    state, static = init(model, tx, key=jax.random.key(2), mesh=mesh)
     old_weight = state.params.lm_head.weight
     new_state, _ = make_train_step(static, tx, mesh)(state, make_batch(jax.random.key(3)))
     assert old_weight.is_deleted() and not new_state.params.lm_head.weight.is_deleted()
+    # the state was copied out of the model it was made from: donating it leaves the caller's model alive
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
 
 
 def test_state_is_sharded_as_the_rules_say():

@@ -98,7 +98,11 @@ def load_pretrained(
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    """What ``load_from_checkpoint`` rebuilds: the run's config, the model, the train state and its static half."""
+    """What ``load_from_checkpoint`` rebuilds: the run's config, the model, the train state and its static half.
+
+    ``model`` shares its arrays with ``state.params`` (one copy in memory). A train step donates the state it is
+    given, which deletes them: after training ``state``, rebuild the model with ``eqx.combine(new.params, static)``.
+    """
 
     config: Config
     model: eqx.Module

@@ -95,12 +95,14 @@ def init(
 
     Pass a builder called as ``model(key=...)`` (e.g. ``functools.partial(xe.models.build, cfg.model)``) to build the
     model under ``jit`` with output shardings, so no unsharded full copy is ever materialised; a built
-    model is placed shard by shard instead.
+    model is copied into the sharded layout, so the state never shares a buffer with it (the train step
+    donates the state: a shared buffer would delete the caller's model with the first step).
     """
     build, make_state, model_key = _state_builder(model, tx, key)
     static = split_model(eqx.filter_eval_shape(build, model_key))[1]
     shapes = jax.eval_shape(make_state, model_key)
     shardings = state_shardings(shapes, mesh, fsdp_min_weight_size)
-    if isinstance(model, eqx.Module):
-        return jax.device_put(make_state(model_key), shardings), static
+    if isinstance(model, eqx.Module):  # device_put would alias replicated leaves to the model's own buffers
+        place = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings)
+        return place(make_state(model_key)), static
     return jax.jit(make_state, out_shardings=shardings)(model_key), static
