@@ -253,6 +253,8 @@ def optax_global_norm(tree):
         (dict(learning_rate=float("nan")), "learning_rate"),
         (dict(b2=1.0), "b2"),
         (dict(eps=-1.0), "eps"),
+        (dict(eps=0.0), "eps"),  # adamw: a zero gradient entry would update by 0/0
+        (dict(name="ademamix", eps=0.0), "eps"),
         (dict(weight_decay=-0.1), "weight_decay"),
         (dict(momentum=0.9), "momentum"),
         (dict(name="sgd", nesterov=True), "nesterov"),
