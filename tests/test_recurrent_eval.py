@@ -17,7 +17,7 @@ from xlstm_eqx.models import build
 from xlstm_eqx.parallel import make_mesh
 from xlstm_eqx.train import loss as loss_module
 from xlstm_eqx.train.metrics import to_host
-from xlstm_eqx.train.recurrent_eval import EVAL_MODES, make_recurrent_eval_step
+from xlstm_eqx.train.recurrent_eval import make_recurrent_eval_step
 from xlstm_eqx.train.state import init
 from xlstm_eqx.train.steps import make_eval_step
 
@@ -83,7 +83,7 @@ def test_logits_in_slices_equal_whole_chunks(mesh_shape):
     default measure and for per-example sums (the lm-eval scorer's)."""
     mesh, state, static = setup(mesh_shape)
     batch = make_batch(jax.random.key(3))
-    for measure, modes in [(None, EVAL_MODES), (row_measurements, ROW_MODES)]:
+    for measure, modes in [(None, None), (row_measurements, ROW_MODES)]:
         steps = {
             size: make_recurrent_eval_step(static, mesh, chunk_size=24, logits_slice=size, measure=measure, modes=modes)
             for size in (24, 5)

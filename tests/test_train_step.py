@@ -17,6 +17,7 @@ from xlstm_eqx.config.train import TrainConfig
 from xlstm_eqx.data import Batch
 from xlstm_eqx.models import build
 from xlstm_eqx.parallel import make_mesh
+from xlstm_eqx.train.loss import lm_loss
 from xlstm_eqx.train.metrics import to_host
 from xlstm_eqx.train.state import init
 from xlstm_eqx.train.steps import make_eval_step, make_train_step
@@ -302,3 +303,28 @@ def test_no_gradient_passes_through_a_one_participant_all_reduce(mesh_shape):
     assert all(size > 1 for _, size in reduces), reduces
     if data == 2:
         assert max(elements for elements, _ in reduces) >= MODEL.vocab_size * MODEL.embedding_dim, reduces
+
+
+def test_metrics_can_name_their_own_log_modes_and_the_others_keep_theirs():
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    batch = make_batch(jax.random.key(3))
+    step = make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False), modes={"loss": ("mean", "max")})
+    _, metrics = step(state, batch)
+    assert {"loss_mean", "loss_max", "accuracy_mean", "nonfinite_max"} <= set(metrics)
+    assert "accuracy_max" not in metrics
+    evaluation = make_eval_step(static, mesh, modes={"accuracy": "max"})(state, batch)
+    assert {"loss", "accuracy_max"} <= set(evaluation) and "loss_mean" not in evaluation  # `loss` keeps its name
+    with pytest.raises(ValueError, match="unknown log mode 'maximum'"):
+        make_train_step(static, tx, mesh, modes={"loss": "maximum"})
+
+    def unnamed_loss(model, micro, key, **kwargs):
+        value, measured = lm_loss(model, micro, key, **kwargs)
+        return value, {"nll": measured["loss"]}
+
+    with pytest.raises(ValueError, match="check_for_nan needs the loss_fn to measure 'loss'; it measured"):
+        make_train_step(static, tx, mesh, loss_fn=unnamed_loss)(state, batch)
+    _, metrics = make_train_step(static, tx, mesh, TrainConfig(check_for_nan=False, donate_train_state=False),
+                                 loss_fn=unnamed_loss)(state, batch)  # fmt: skip
+    assert "nll_mean" in metrics

@@ -84,7 +84,7 @@ class OptimConfig:
                 raise ConfigError(name, f"must be non-negative, got {getattr(self, name)}")
         if self.name in ("adam", "adamw", "ademamix") and not self.eps > 0:
             # an entry whose gradient is exactly zero (an embedding row no batch used) would get 0/0 = NaN
-            raise ConfigError("eps", f"must be positive for {self.name!r} (it divides by sqrt(nu) + eps), got {self.eps}")
+            raise ConfigError("eps", f"must be positive for {self.name!r} (it divides by √ν + eps), got {self.eps}")
         if self.name != "sgd" and self.momentum != 0:
             raise ConfigError("momentum", f"only used by the sgd optimizer, not {self.name!r}; leave it at 0")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):

@@ -83,6 +83,14 @@ def as_log_modes(modes: ModesSpec) -> LogModes:
     return LogModes(default=modes)
 
 
+def as_eval_log_modes(modes: ModesSpec) -> LogModes:
+    """Evaluation's modes: None -> ``mean_nopostfix`` for all; a mapping sets the modes of the metrics it names
+    and leaves the rest at ``mean_nopostfix`` (so ``loss`` keeps its name); mode(s) or LogModes as given."""
+    if isinstance(modes, Mapping):
+        return EVAL_LOG_MODES.override(modes)
+    return EVAL_LOG_MODES if modes is None else as_log_modes(modes)
+
+
 def output_key(name: str, mode: str) -> str:
     """Key of metric ``name`` logged with ``mode``: ``loss_mean``, ``loss`` (mean_nopostfix), ``loss_max``, ..."""
     _check_modes(name, mode)

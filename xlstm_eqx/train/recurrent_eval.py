@@ -25,11 +25,9 @@ from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
 from ..parallel import TP_AXIS, batch_axes, batch_spec, parameter_specs
 from .loss import ChunkMeasure, lm_measure, measure_in_slices
-from .metrics import ModesSpec, accumulate, merge_metrics, reduce_measured
+from .metrics import ModesSpec, accumulate, as_eval_log_modes, merge_metrics, reduce_measured
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
-
-EVAL_MODES = ("mean_nopostfix",)
 
 
 def _state_spec(mesh: Mesh) -> Any:
@@ -46,7 +44,7 @@ def make_recurrent_eval_step(
     chunk_size: int,
     fsdp_min_weight_size: int = 2**18,
     measure: ChunkMeasure | None = None,
-    modes: ModesSpec = EVAL_MODES,
+    modes: ModesSpec = None,
     logits_slice: int | None = None,
 ) -> Callable[[TrainState, Batch, Any], Any]:
     """``recurrent_eval_step(state, batch, metrics) -> metrics`` for rows of any length.
@@ -65,6 +63,7 @@ def make_recurrent_eval_step(
     if logits_slice is not None and logits_slice < 1:
         raise ValueError(f"logits_slice must be ≥ 1 or None, got {logits_slice}")
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
+    modes = as_eval_log_modes(modes)
     state_spec = _state_spec(mesh)
     measure_fn = functools.partial(lm_measure, z_loss=config.z_loss) if measure is None else measure
     zero_state = _zero_state_maker(static, mesh, state_spec)

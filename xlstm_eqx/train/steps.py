@@ -10,7 +10,7 @@ global-norm clipping sees the true norm.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -25,7 +25,15 @@ from ..config.train import TrainConfig
 from ..data.batch import Batch
 from ..parallel import batch_axes, dotted_path, parameter_specs
 from .loss import INTERMEDIATES_PREFIX, lm_eval_loss, lm_loss
-from .metrics import EVAL_LOG_MODES, Measured, ModesSpec, accumulate, as_log_modes, merge_metrics, reduce_measured
+from .metrics import (
+    LogModes,
+    Measured,
+    ModesSpec,
+    accumulate,
+    as_eval_log_modes,
+    merge_metrics,
+    reduce_measured,
+)
 from .state import TrainState
 from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
 
@@ -50,6 +58,7 @@ def make_train_step(
     *,
     loss_fn: LossFn = lm_loss,
     fsdp_min_weight_size: int = 2**18,
+    modes: Mapping[str, str | Sequence[str]] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Any]]:
     """``train_step(state, batch) -> (state, metrics)``: one optimizer update from ``batch``.
 
@@ -57,8 +66,17 @@ def make_train_step(
     summed over ``gradient_accumulate_steps`` micro-batches, so accumulation equals one big batch. With
     ``check_for_nan`` a step whose loss or gradients are not finite leaves parameters and optimizer state
     unchanged and reports ``nonfinite`` = 1. The state is donated unless ``donate_train_state`` is off.
+
+    ``loss_fn(model, batch, key, *, z_loss, tp_axis, [intermediates]) -> (value, {name: Measured})`` must
+    measure ``loss`` when ``check_for_nan`` is on. Metrics are logged with ``default_train_log_modes``
+    (``intermediates_log_modes`` for the model's diagnostics) except where ``modes`` names a metric's own
+    (e.g. ``{"loss": ("mean", "max")}``).
     """
     micro_batches = config.gradient_accumulate_steps
+    own_modes = dict(LogModes(modes).per_metric)  # checked here, at build time
+
+    def step_modes(measured: Mapping[str, Measured]) -> dict[str, tuple[str, ...]]:
+        return {**_train_modes(measured, config), **{k: v for k, v in own_modes.items() if k in measured}}
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
 
     def local_grads(params, batch, key, specs):
@@ -95,7 +113,11 @@ def make_train_step(
                 grads, measured = grads_of(take(0), 0)
                 for i in range(1, micro_batches):
                     grads, measured = jax.tree.map(jnp.add, (grads, measured), grads_of(take(i), i))
-        return grads, reduce_measured(measured, _train_modes(measured, config), rows_axes)
+        if config.check_for_nan and "loss" not in measured:
+            raise ValueError(
+                f"train.check_for_nan needs the loss_fn to measure 'loss'; it measured {sorted(measured)}"
+            )
+        return grads, reduce_measured(measured, step_modes(measured), rows_axes)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
         check_batch(batch, mesh, micro_batches)
@@ -115,7 +137,7 @@ def make_train_step(
             return optax.apply_updates(params, updates), opt_state
 
         one = jnp.ones((), jnp.float32)
-        modes: dict[str, tuple[str, ...]] = {}
+        fixed_modes: dict[str, tuple[str, ...]] = {}
         if config.check_for_nan:
             finite = jnp.isfinite(measured["loss"].value) & jnp.isfinite(optax.tree.norm(grads))
             # A branch, not a select of new against old values: optax computes each parameter's update inline
@@ -124,7 +146,7 @@ def make_train_step(
             skip = lambda grads, opt_state, params: (params, opt_state)  # noqa: E731
             params, opt_state = lax.cond(finite, apply_update, skip, grads, state.opt_state, state.params)
             measured["nonfinite"] = Measured(1.0 - finite.astype(jnp.float32), one)
-            modes["nonfinite"] = ("max",)
+            fixed_modes["nonfinite"] = ("max",)
         else:
             params, opt_state = apply_update(grads, state.opt_state, state.params)
         if config.log_grad_norm:
@@ -132,8 +154,8 @@ def make_train_step(
         if config.log_param_norm:
             param_norms = _norms(params, "param_norm", config.log_param_norm_per_param)
             measured.update(param_norms)
-            modes.update({name: ("mean_nopostfix",) for name in param_norms})
-        metrics = accumulate(measured, {**_train_modes(measured, config), **modes})
+            fixed_modes.update({name: ("mean_nopostfix",) for name in param_norms})
+        metrics = accumulate(measured, {**step_modes(measured), **fixed_modes})
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
     if config.debug:
@@ -161,13 +183,14 @@ def make_eval_step(
     modes: ModesSpec = None,
 ) -> Callable[[TrainState, Batch, Any], Any]:
     """``eval_step(state, batch, metrics) -> metrics``: folds one batch's loss/accuracy into ``metrics``
-    (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``) unless ``modes`` says otherwise
-    (e.g. ``single_noreduce`` for per-example values, see :mod:`xlstm_eqx.eval.extended`); randomness, if the
+    (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``) unless ``modes`` says otherwise:
+    a mapping sets the modes of the metrics it names (e.g. ``single_noreduce`` for per-example values, see
+    :mod:`xlstm_eqx.eval.extended`), a mode or sequence of modes applies to all; randomness, if the
     loss uses any, is fixed by ``seed_eval`` so evaluation is reproducible. The default ``loss_fn``,
     :func:`~.loss.lm_eval_loss`, measures what :func:`~.loss.lm_loss` does with the head run on slices of
     positions, so evaluation memory does not grow with rows × time × vocab."""
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
-    eval_modes = EVAL_LOG_MODES if modes is None else as_log_modes(modes)
+    eval_modes = as_eval_log_modes(modes)
 
     def local_eval(params, batch, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
