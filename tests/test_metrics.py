@@ -333,3 +333,20 @@ def test_host_functions_are_reexported():
     assert metrics.to_host is metrics_host.to_host and metrics.add_perplexity is metrics_host.add_perplexity
     with pytest.raises(AttributeError):
         metrics.no_such_function  # noqa: B018
+
+
+def test_a_per_device_scalar_is_one_entry_per_device_on_one_device_too():
+    """``single_noreduce`` of a 0-d value: shape (devices,), also without batch axes (one device)."""
+    modes = LogModes({"s": "single_noreduce"}, default="mean_nopostfix")
+    for devices in (1, 2):
+        mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        axes = ("data",) if devices > 1 else ()  # one device: no batch axes, as the steps pass them
+
+        def body(x):
+            measured = {"s": Measured(x.sum(), jnp.float32(1.0))}
+            return accumulate(reduce_measured(measured, modes, axes), modes)
+
+        spec = P(*axes)  # the steps name only batch axes of size > 1 (parallel.batch_axes)
+        step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=P()))
+        got = to_host(step(jnp.arange(4.0)))["s_single_noreduce"]
+        assert got.shape == (devices,) and got.sum() == 6.0

@@ -243,10 +243,10 @@ def _vary(x: Array, axes: tuple[str, ...]) -> Array:
 
 def _collective(leaves: list[Array], axes: tuple[str, ...], *, gather: bool) -> list[Array]:
     """ONE psum (or tiled all-gather on axis 0; a 0-d leaf gathers one entry per device) of all leaves."""
+    if gather:  # before the early return: with no axes (one device) a 0-d leaf is still one entry per device
+        leaves = [x.reshape(1) if x.ndim == 0 else x for x in leaves]
     if not leaves or not axes:
         return leaves
-    if gather:
-        leaves = [x.reshape(1) if x.ndim == 0 else x for x in leaves]
     flat = jnp.concatenate([_vary(x, axes).ravel() for x in leaves])
     if gather:
         rows = jax.lax.all_gather(flat, axes, axis=0, tiled=True, to="invarying").reshape(-1, flat.size)
