@@ -342,7 +342,7 @@ def test_a_per_device_scalar_is_one_entry_per_device_on_one_device_too():
         mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         axes = ("data",) if devices > 1 else ()  # one device: no batch axes, as the steps pass them
 
-        def body(x):
+        def body(x, axes=axes):
             measured = {"s": Measured(x.sum(), jnp.float32(1.0))}
             return accumulate(reduce_measured(measured, modes, axes), modes)
 

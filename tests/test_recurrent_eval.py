@@ -1,11 +1,13 @@
 """recurrent_eval_step: chunked evaluation with carried state equals full-sequence evaluation."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train_step import make_batch, perturbed_model
+from jax.sharding import NamedSharding
+from test_train_step import MODEL, make_batch, perturbed_model
 
 from xlstm_eqx.config import ModelConfig
 from xlstm_eqx.config.mesh import MeshConfig
@@ -14,7 +16,7 @@ from xlstm_eqx.data import Batch
 from xlstm_eqx.data.batch import document_starts
 from xlstm_eqx.eval.scoring import ROW_MODES, row_measurements
 from xlstm_eqx.models import build
-from xlstm_eqx.parallel import make_mesh
+from xlstm_eqx.parallel import batch_spec, make_mesh
 from xlstm_eqx.train import loss as loss_module
 from xlstm_eqx.train.metrics import to_host
 from xlstm_eqx.train.recurrent_eval import make_recurrent_eval_step
@@ -135,3 +137,32 @@ def test_eval_step_in_logit_slices_equals_whole_logits(mesh_shape, monkeypatch):
     assert sliced.keys() == whole.keys() >= {"loss", "accuracy", "z_loss"}
     for key, value in whole.items():
         assert sliced[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_new_row_length_compiles_a_fixed_few_programs(caplog):
+    """Chunk cutting is one program per row shape, not one per chunk offset (lm-eval sees many lengths)."""
+    mesh, state, static = setup((2, 1, 1))
+    step = make_recurrent_eval_step(static, mesh, chunk_size=8)
+    step(state, make_batch(jax.random.key(3), length=24))  # compiles the chunk step and the small helpers
+    placed = NamedSharding(mesh, batch_spec(2, mesh))  # as the loaders place them (no resharding programs)
+    compiled, batches = [], [jax.device_put(make_batch(jax.random.key(4), length=n), placed) for n in (40, 72)]
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        for batch in batches:
+            caplog.clear()
+            step(state, batch)
+            compiled.append([r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()])
+    assert all(len(programs) <= 2 for programs in compiled), "\n".join(m[:200] for p in compiled for m in p)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_a_token_outside_the_vocabulary_is_a_clear_error_on_every_mesh(mesh_shape):
+    """Every device raises together: a check on one device left the others waiting in a collective until XLA
+    aborted the process."""
+    mesh, state, static = setup(mesh_shape)
+    batch = make_batch(jax.random.key(3))
+    bad = eqx.tree_at(lambda b: b.inputs, batch, batch.inputs.at[5, 3].set(MODEL.vocab_size))
+    steps = {"eval": make_eval_step(static, mesh), "recurrent": make_recurrent_eval_step(static, mesh, chunk_size=8)}
+    for name, step in steps.items():
+        with pytest.raises(Exception, match=r"token id outside \[0, vocab_size=64\) in batch.inputs") as raised:
+            jax.block_until_ready(step(state, bad))
+        assert "Termination timeout" not in str(raised.value), name

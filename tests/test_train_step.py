@@ -328,3 +328,21 @@ def test_metrics_can_name_their_own_log_modes_and_the_others_keep_theirs():
     _, metrics = make_train_step(static, tx, mesh, TrainConfig(check_for_nan=False, donate_train_state=False),
                                  loss_fn=unnamed_loss)(state, batch)  # fmt: skip
     assert "nll_mean" in metrics
+
+
+def test_token_ids_are_checked_where_they_are_used():
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    step = make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False))
+    batch = make_batch(jax.random.key(3))  # its last 3 positions are not scored
+    ignored = eqx.tree_at(lambda b: b.targets, batch, batch.targets.at[:, -1].set(-100))
+    np.testing.assert_array_equal(
+        to_host(step(state, ignored)[1])["loss_mean"], to_host(step(state, batch)[1])["loss_mean"]
+    )
+    for field, where in (("targets", 0), ("inputs", -1)):
+        bad = eqx.tree_at(
+            lambda b, f=field: getattr(b, f), batch, getattr(batch, field).at[0, where].set(MODEL.vocab_size)
+        )
+        with pytest.raises(Exception, match=r"token id outside \[0, vocab_size=64\)"):
+            jax.block_until_ready(step(state, bad))

@@ -17,6 +17,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -67,8 +68,10 @@ def make_recurrent_eval_step(
     state_spec = _state_spec(mesh)
     measure_fn = functools.partial(lm_measure, z_loss=config.z_loss) if measure is None else measure
     zero_state = _zero_state_maker(static, mesh, state_spec)
+    prepare, take_chunk = _chunker(mesh, chunk_size)
 
     def local_chunk(params, model_state, chunk, resets, specs):
+        chunk = validate_tokens(chunk, static, rows_axes)
         model = eqx.combine(gather_fsdp(params, specs), static)
         features, model_state, _ = model.features_batch(
             chunk.inputs, model_state, reset=resets, tp_axis=tp_axis, check_token_ids=False
@@ -88,25 +91,38 @@ def make_recurrent_eval_step(
 
     def recurrent_eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
         check_batch(batch, mesh)
-        batch = validate_tokens(batch, static)
         rows, length = batch.inputs.shape
-        resets = document_starts(batch.segment_ids)
-        n_chunks = math.ceil(length / chunk_size)
-        pad = n_chunks * chunk_size - length
-        if pad:  # padded columns are unscored (mask False) and come after every real token
-            batch = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, pad))), batch)
-            resets = jnp.pad(resets, ((0, 0), (0, pad)))
+        batch, resets = prepare(batch)
         model_state, summed = zero_state(rows), None
-        for i in range(n_chunks):
-            cut = slice(i * chunk_size, (i + 1) * chunk_size)
-            chunk = jax.tree.map(lambda x, cut=cut: x[:, cut], batch)
-            model_state, measured = chunk_step(state.params, model_state, chunk, resets[:, cut])
+        for i in range(math.ceil(length / chunk_size)):
+            chunk, chunk_resets = take_chunk((batch, resets), jnp.int32(i * chunk_size))
+            model_state, measured = chunk_step(state.params, model_state, chunk, chunk_resets)
             summed = measured if summed is None else jax.tree.map(jnp.add, summed, measured)
         batch_metrics = accumulate(summed, modes)  # the chunks' sums are one batch's, as eval_step's are
         return batch_metrics if metrics is None else merge_metrics(metrics, batch_metrics)
 
     recurrent_eval_step.chunk_step = chunk_step
     return recurrent_eval_step
+
+
+def _chunker(mesh: Mesh, chunk_size: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``prepare(batch) -> (batch, resets)``: the document starts of the whole rows, then every field padded to
+    a multiple of ``chunk_size`` (padded columns are unscored and come after every real token);
+    ``take_chunk((batch, resets), start)``: the ``chunk_size`` columns from ``start`` (traced). One compiled
+    program each per row shape, however many chunks (eager slicing compiled one program per chunk offset)."""
+    sharding = NamedSharding(mesh, batch_spec(2, mesh))
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def prepare(batch: Batch) -> tuple[Batch, jax.Array]:
+        pad = -batch.inputs.shape[1] % chunk_size
+        widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)))  # noqa: E731
+        return jax.tree.map(widen, batch), widen(document_starts(batch.segment_ids))
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def take_chunk(tree: Any, start: jax.Array) -> Any:
+        return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, chunk_size, axis=1), tree)
+
+    return prepare, take_chunk
 
 
 def _zero_state_maker(static: Any, mesh: Mesh, state_spec: Any) -> Callable[[int], Any]:

@@ -47,15 +47,22 @@ def check_batch(batch: Batch, mesh: Mesh, micro_batches: int = 1) -> None:
         )
 
 
-def validate_tokens(batch: Batch, static: Any) -> Batch:
-    """Token ids outside [0, vocab) raise at run time (checked on the global arrays, before shard_map)."""
+def validate_tokens(batch: Batch, static: Any, rows_axes: tuple[str, ...]) -> Batch:
+    """Inside ``shard_map``: token ids outside [0, vocab) raise at run time, naming the fields: every input,
+    and the targets where ``loss_mask`` is set (an unscored target may be anything, e.g. an ignore index of -100).
+
+    The local count is summed over ``rows_axes`` before the check, so every device raises together. (A check on
+    the global batch outside ``shard_map`` runs its callback on one device, and the others then wait for it in
+    the next collective until XLA aborts the process.)"""
     vocab = getattr(getattr(static, "config", None), "vocab_size", None)
     if vocab is None:
         return batch
-    ids = jnp.stack([batch.inputs, batch.targets])
-    # Check a scalar, not the batch: error_if's cond would otherwise gather the whole batch on one device.
-    outside = jnp.sum(((ids < 0) | (ids >= vocab)).astype(jnp.int32))
-    zero = eqx.error_if(jnp.zeros((), jnp.int32), outside > 0, f"token id outside [0, vocab_size={vocab})")
+    bad = lambda ids: (ids < 0) | (ids >= vocab)  # noqa: E731
+    outside = jnp.sum((bad(batch.inputs) | (bad(batch.targets) & batch.loss_mask.astype(bool))).astype(jnp.int32))
+    if rows_axes:
+        outside = lax.psum(outside, rows_axes)
+    message = f"token id outside [0, vocab_size={vocab}) in batch.inputs, or in batch.targets where loss_mask is set"
+    zero = eqx.error_if(jnp.zeros((), jnp.int32), outside > 0, message)
     return eqx.tree_at(lambda b: b.inputs, batch, batch.inputs + zero)  # the dependency keeps the check alive
 
 

@@ -80,6 +80,7 @@ def make_train_step(
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
 
     def local_grads(params, batch, key, specs):
+        batch = validate_tokens(batch, static, rows_axes)
         total = lax.psum(jnp.sum(batch.loss_mask.astype(jnp.float32)), rows_axes)
         denominator = jnp.maximum(total, 1.0)
         device_key = jax.random.fold_in(key, lax.axis_index(rows_axes))
@@ -121,7 +122,6 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
         check_batch(batch, mesh, micro_batches)
-        batch = validate_tokens(batch, static)
         specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
         grads_fn = jax.shard_map(
             functools.partial(local_grads, specs=specs),
@@ -193,6 +193,7 @@ def make_eval_step(
     eval_modes = as_eval_log_modes(modes)
 
     def local_eval(params, batch, specs):
+        batch = validate_tokens(batch, static, rows_axes)
         model = eqx.combine(gather_fsdp(params, specs), static)
         key = jax.random.fold_in(jax.random.key(config.seed_eval), lax.axis_index(rows_axes))
         _, measured = loss_fn(model, batch, key, z_loss=config.z_loss, tp_axis=tp_axis)
@@ -200,7 +201,6 @@ def make_eval_step(
 
     def eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
         check_batch(batch, mesh)
-        batch = validate_tokens(batch, static)
         specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
         measured = jax.shard_map(
             functools.partial(local_eval, specs=specs),
