@@ -303,3 +303,21 @@ def test_missing_weights_file(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_special_token_ids_are_the_tokenizers(tmp_path, getkey):
+    """transformers' generate stops at eos_token_id: it must be the EOD id, not GPT-NeoX's 2 (here '!')."""
+    from xlstm_eqx.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load()
+    export_hf_checkpoint(random_model(getkey()), tmp_path / "default")
+    written = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (
+        tokenizer.eod_id, tokenizer.eod_id, tokenizer.pad_id
+    )  # fmt: skip
+    model = random_model(getkey(), vocab_size=tokenizer.vocab_size, embedding_dim=16)
+    export_hf_checkpoint(model, tmp_path / "given", tokenizer=tokenizer, pad_token_id=7)
+    written = json.loads((tmp_path / "given" / "config.json").read_text())
+    assert (written["eos_token_id"], written["pad_token_id"]) == (tokenizer.eod_id, 7)  # explicit fields win
+    with pytest.raises(ValueError, match="vocab"):
+        export_hf_checkpoint(random_model(getkey()), tmp_path / "small", tokenizer=tokenizer)

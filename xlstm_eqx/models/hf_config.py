@@ -46,9 +46,10 @@ _HF_EXECUTION: dict[str, Any] = dict(
     use_cache=True,
     inference_state_dtype="float32",
     max_inference_chunksize=16384,
+    # the shipped tokenizer's ids: EOD (<|endoftext|>, 0) starts and ends documents, <pad> is 1
     pad_token_id=1,
     bos_token_id=0,
-    eos_token_id=2,
+    eos_token_id=0,
 )
 _SAME_NAME = (
     "vocab_size",

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ..config import ModelConfig
+from ..data.tokenizer import Tokenizer, check_fits_model
 from .hf_config import SUPPORTED_DTYPES, model_config_from_hf, model_config_to_hf
 from .lm import xLSTMLM
 
@@ -202,15 +203,23 @@ def load_hf_checkpoint(path: str | Path, **overrides: Any) -> xLSTMLM:
     return model
 
 
-def export_hf_checkpoint(model: xLSTMLM, path: str | Path, **hf_fields: Any) -> None:
+def export_hf_checkpoint(
+    model: xLSTMLM, path: str | Path, *, tokenizer: Tokenizer | None = None, **hf_fields: Any
+) -> None:
     """Writes ``config.json`` and ``model.safetensors`` that transformers' ``xLSTMForCausalLM`` loads.
 
-    ``hf_fields`` add to or replace ``config.json`` entries (e.g. token ids). A tied head is written
+    The special token ids are the ``tokenizer``'s (BOS = EOS = its EOD id, PAD its pad id); without one, those
+    of the shipped tokenizer (EOD 0, pad 1), so that ``generate`` stops at the end of a document.
+    ``hf_fields`` add to or replace ``config.json`` entries. A tied head is written
     as a copy of the embedding (transformers does not tie); norm biases of a ``use_bias`` model are
     written as zeros. Loading the result gives back ``model`` bit for bit.
     """
     config, directory = model.config, Path(path)
     directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        check_fits_model(tokenizer, config.vocab_size)
+        ids = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
+        hf_fields = {**ids, **hf_fields}
     hf_config = {**model_config_to_hf(config), **hf_fields}
     dtype = np.dtype(jnp.dtype(config.param_dtype))
     tensors: dict[str, np.ndarray] = {}
