@@ -78,3 +78,18 @@ def test_configs_are_frozen_and_hashable():
     with pytest.raises(AttributeError):
         config.num_blocks = 3  # type: ignore[misc]
     assert hash(config) == hash(ModelConfig())
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("remat", "blocks", "must be one of"), ("kernel", "chunked", "must be one of"),
+     ("scan_blocks", "no", "true or false"), ("compute_dtype", "float16", "must be one of")],
+)  # fmt: skip
+def test_model_choices_are_checked_without_a_type_checker(field, value, match):
+    """Outside the tests nothing type-checks __init__: a typo in an execution policy would only fail deep
+    inside a trace (a bare KeyError for remat), or be taken as true (scan_blocks)."""
+    config = ModelConfig()
+    object.__setattr__(config, field, value)
+    with pytest.raises(ConfigError, match=match) as info:
+        config.__post_init__()
+    assert info.value.path == field

@@ -74,6 +74,9 @@ def test_generation_stops_at_until_and_max_tokens(lm):
     drawn = drawn[: drawn.index(lm.eot_token_id)] if lm.eot_token_id in drawn else drawn
     sampled = lm.generate_until([request("generate_until", "KING.\n", {"do_sample": True, "max_gen_toks": 8})])[0]
     assert sampled == lm.tok_decode(drawn)
+    for no_top_k in (0, -1):  # the HF / vLLM spelling of "no top-k"
+        kwargs = {"do_sample": True, "top_k": no_top_k, "max_gen_toks": 8}
+        assert lm.generate_until([request("generate_until", "KING.\n", kwargs)])[0] == sampled
     with pytest.raises(ValueError, match="unsupported gen_kwargs \\['typical_p'\\]"):
         lm.generate_until([request("generate_until", "KING.\n", {"typical_p": 0.9})])
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,6 +56,12 @@ class ModelConfig:
     scan_blocks: bool = True
 
     def __post_init__(self):
+        for name, hint in _choice_fields().items():  # typos like remat="blocks" fail here, not deep in a trace
+            value = getattr(self, name)
+            if hint is bool and not isinstance(value, bool):
+                raise ConfigError(name, f"must be true or false, got {value!r}")
+            if hint is not bool and value not in typing.get_args(hint):
+                raise ConfigError(name, f"must be one of {typing.get_args(hint)}, got {value!r}")
         positive = ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "chunk_size",
                     "ffn_round_up_to_multiple_of")  # fmt: skip
         for name in positive:
@@ -100,3 +108,10 @@ class ModelConfig:
         """SwiGLU width: ``embedding_dim * ffn_proj_factor`` rounded up to the multiple."""
         multiple = self.ffn_round_up_to_multiple_of
         return multiple * math.ceil(self.embedding_dim * self.ffn_proj_factor / multiple)
+
+
+@functools.cache
+def _choice_fields() -> dict[str, object]:
+    """The fields of ModelConfig typed with a Literal (their hint) or as bool."""
+    hints = typing.get_type_hints(ModelConfig)
+    return {name: hint for name, hint in hints.items() if hint is bool or typing.get_origin(hint) is Literal}

@@ -162,6 +162,7 @@ class XlstmEqxLM(TemplateLM):
             max_tokens = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = _temperature(gen_kwargs.pop("do_sample", None), gen_kwargs.pop("temperature", None))
             top_k, top_p = gen_kwargs.pop("top_k", None), gen_kwargs.pop("top_p", None)
+            top_k = None if top_k is not None and int(top_k) <= 0 else top_k  # 0 / -1: no top-k (HF, vLLM)
             if gen_kwargs:  # refuse rather than silently ignore a sampling setting
                 raise ValueError(f"generate_until: unsupported gen_kwargs {sorted(gen_kwargs)} in request {index}")
             prompt = self._with_eod(self.tok_encode(context))
