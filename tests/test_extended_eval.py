@@ -13,7 +13,7 @@ from loop_setup import MODEL, Stream, eval_set, setup
 from xlstm_eqx.config import Config, to_dict
 from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.config.run import CheckpointConfig, LogConfig, LoopConfig
-from xlstm_eqx.data.batch import document_starts
+from xlstm_eqx.data.batch import IndexedBatch, document_starts
 from xlstm_eqx.eval.extended import (
     evaluate_checkpoint,
     evaluate_extended,
@@ -73,6 +73,13 @@ def test_sharded_per_example_metrics_equal_direct_computation(mesh_config):
     np.testing.assert_array_equal(got_counts, counts)
     np.testing.assert_allclose(host["last_ce_single_noreduce"], last, rtol=1e-5, atol=1e-6)
     assert host["ce_cubed"] == pytest.approx(cubed, rel=1e-5)
+    # indexed batches: each per-row value comes with its row's document and piece
+    indexed = [IndexedBatch(b, jnp.arange(8, dtype=jnp.int32) + 8 * i + 1, jnp.full(8, i, jnp.int32))
+               for i, b in enumerate(batches)]  # fmt: skip
+    located = evaluate_extended(step, state, indexed, MODES)
+    np.testing.assert_array_equal(located["document_idx_single_noreduce"], np.arange(24) + 1)
+    np.testing.assert_array_equal(located["sequence_idx_single_noreduce"], np.repeat(np.arange(3), 8))
+    np.testing.assert_array_equal(located["row_loss_single_noreduce_wcount"][0], values)
 
 
 def test_as_a_hook_its_metrics_join_the_validation_rows(tmp_path):

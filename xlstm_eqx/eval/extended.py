@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from jax.experimental import multihost_utils
+
 from ..config.train import TrainConfig
 from ..data.batch import IndexedBatch
 from ..loop.evaluate import EvalSet, fresh_pass
@@ -33,16 +36,25 @@ def make_extended_eval_step(
 
 def evaluate_extended(step: Callable[..., Any], state: Any, batches: Iterable[Any], modes: ModesSpec) -> HostMetrics:
     """Runs ``step`` over ``batches`` (one pass) and returns the finalized host metrics: running values for the
-    ordinary modes, per-example arrays concatenated in batch order for the noreduce modes, plus perplexities."""
+    ordinary modes, per-example arrays concatenated in batch order for the noreduce modes, plus perplexities.
+
+    With :class:`~xlstm_eqx.data.batch.IndexedBatch` batches the result also maps every row to its source:
+    ``document_idx_single_noreduce`` (from 1; 0 = a padding row) and ``sequence_idx_single_noreduce`` (which
+    piece of its document, from 0), in the same global row order as the per-row values."""
     modes = as_log_modes(modes)
-    metrics, aggregated = None, None
+    metrics, aggregated, indices = None, None, {"document_idx": [], "sequence_idx": []}
     for batch in batches:
-        metrics = step(state, batch.batch if isinstance(batch, IndexedBatch) else batch, metrics)
+        if isinstance(batch, IndexedBatch):
+            for name, rows in (("document_idx", batch.document_index), ("sequence_idx", batch.sequence_index)):
+                indices[name].append(np.asarray(multihost_utils.process_allgather(rows, tiled=True)))
+            batch = batch.batch
+        metrics = step(state, batch, metrics)
         aggregated = aggregate_host(aggregated, to_host(metrics), modes)
     if aggregated is None:
         warnings.warn("extended evaluation got no batches", RuntimeWarning, stacklevel=2)
         return {}
-    return add_perplexity(aggregated)
+    located = {f"{name}_single_noreduce": np.concatenate(rows) for name, rows in indices.items() if rows}
+    return {**add_perplexity(aggregated), **located}
 
 
 def extended_evaluation_hook(
