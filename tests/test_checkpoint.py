@@ -124,6 +124,17 @@ def test_keeps_latest_and_best(tmp_path, state, mode, values, best):
     reopened.close()
 
 
+def test_keep_latest_null_keeps_every_checkpoint(tmp_path, state):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_latest=None, monitor="loss", keep_best=1, async_save=False))
+    for step in range(1, 9):
+        ckpt.save(step, state, meta={}, metrics={"loss": float(step)})
+    ckpt.wait()
+    assert on_disk(tmp_path) == ckpt.steps() == list(range(1, 9)) and ckpt.best_step() == 1
+    ckpt.close()
+    with pytest.raises(ValueError, match="keep_latest"):
+        CheckpointConfig(keep_latest=0)
+
+
 def test_best_ignores_checkpoints_without_metrics(tmp_path, state):
     ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_latest=1, keep_best=1, monitor="loss", async_save=False))
     ckpt.save(1, state, meta={})

@@ -107,14 +107,14 @@ class LogConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints in ``<run_dir>/checkpoints``: every ``every_n_steps`` steps (≤ 0: off), after each
-    validation (``at_validation``) and at the end of training. The latest ``keep_latest`` are kept, and with a
-    ``monitor`` (a validation metric key such as ``loss`` or ``<name>_loss``) also the best ``keep_best`` by
-    ``mode``; the latest is never deleted. ``async_save`` writes in the background."""
+    validation (``at_validation``) and at the end of training. The latest ``keep_latest`` are kept (null: all),
+    and with a ``monitor`` (a validation metric key such as ``loss`` or ``<name>_loss``) also the best
+    ``keep_best`` by ``mode``; the latest is never deleted. ``async_save`` writes in the background."""
 
     enabled: bool = True
     every_n_steps: int = -1
     at_validation: bool = True
-    keep_latest: int = 1
+    keep_latest: int | None = 1
     keep_best: int = 1
     monitor: str | None = None
     mode: Literal["min", "max"] = "min"
@@ -122,9 +122,9 @@ class CheckpointConfig:
     save_optimizer: bool = True
 
     def __post_init__(self):
-        if self.keep_latest < 1:
+        if self.keep_latest is not None and self.keep_latest < 1:
             raise ConfigError(
-                "keep_latest", f"must be ≥ 1 (the latest checkpoint is always kept), got {self.keep_latest}"
+                "keep_latest", f"must be ≥ 1 or null (keep all; the latest is always kept), got {self.keep_latest}"
             )
         if self.keep_best < 0:
             raise ConfigError("keep_best", f"must be ≥ 0, got {self.keep_best}")

@@ -83,7 +83,7 @@ def _manager(directory: Path, config: CheckpointConfig, *, read_only: bool = Fal
                        ("opt_state", ocp.args.StandardSave), ("opt_state", ocp.args.StandardRestore),
                        ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)]:  # fmt: skip
         registry.add(item, args)
-    policies: list[cm.PreservationPolicy] = [cm.LatestN(n=config.keep_latest)]
+    policies: list[cm.PreservationPolicy] = [cm.LatestN(n=config.keep_latest)]  # n None: all
     if config.monitor is not None:  # BestN's default keeps every checkpoint without metrics forever
         policies.append(cm.BestN(get_metric_fn=_score(config), reverse=config.mode == "min", n=config.keep_best,
                                  keep_checkpoints_without_metrics=False))  # fmt: skip
