@@ -11,6 +11,17 @@ def test_params_of_a_preset(capsys):
     assert json.loads(capsys.readouterr().out)["parameters"] == 4_271_392
 
 
+def test_param_table_of_a_preset_on_a_mesh_it_needs_no_devices_for(capsys):
+    args = ["mesh.data=-1", "mesh.fsdp=4", "mesh.model=2", "mesh.fsdp_min_weight_size=0"]
+    assert main(["params", "--config", "configs/bench_a.yaml", "--table", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert rows["blocks.mlstm_layer.q.weight"][1:] == ["4×128×256", "float32", "131,072", "(None,", "model,", "fsdp)",
+                                                        "yes"]  # fmt: skip
+    assert rows["blocks.norm_ffn.weight"][-1] == "no" and rows["embedding.weight"][-1] == "no"  # decay excluded
+    assert lines[-1].startswith("total 4,271,392 parameters in ")
+
+
 def test_convert_jsonl_to_array_record_round_trips(tmp_path, capsys):
     docs = ["To be, or not to be.", "All the world's a stage,\nand all the men and women merely players."]
     source = tmp_path / "docs.jsonl"

@@ -35,6 +35,8 @@ def test_job_trains_tests_on_the_best_checkpoint_and_leaves_artifacts(corpus, tm
     assert isinstance(summary["sample"], str)
     assert (run / "tensorboard" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run / "status.json").read_text())["status"] == "success"
+    text = (run / "output.log").read_text()
+    assert "parameters:\nparameter " in text and "lm_head.weight " in text  # the parameter table
     loaded = load_from_checkpoint(run)
     assert loaded.step == 12 and loaded.config == job_config(corpus, run, "checkpoint.every_n_steps=4")
 

@@ -65,6 +65,18 @@ def _distributed_flags(parser: argparse.ArgumentParser) -> None:
 
 def params(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if args.table:  # shapes only: nothing is allocated, and the mesh needs no devices
+        import equinox as eqx
+
+        from .models import build
+        from .train.param_table import abstract_mesh, format_param_table, param_rows
+
+        shapes = eqx.filter(eqx.filter_eval_shape(build, config.model, key=jax.random.key(0)),
+                            lambda x: isinstance(x, jax.ShapeDtypeStruct))  # fmt: skip
+        rows = param_rows(shapes, abstract_mesh(config.mesh), fsdp_min_weight_size=config.mesh.fsdp_min_weight_size,
+                          weight_decay_exclude=config.optim.weight_decay_exclude)  # fmt: skip
+        print(format_param_table(rows))
+        return 0
     print(json.dumps({"config": args.config, "parameters": count_params(config.model)}))
     return 0
 
@@ -92,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--log-dir", help="write rank<i>.log per process here (default: all to this terminal)")
     local.add_argument("command", nargs=argparse.REMAINDER, help="the command, e.g. -- xlstm-eqx train --config ...")
     local.set_defaults(fn=launch)
-    count = commands.add_parser("params", help="print the parameter count of a config")
+    count = commands.add_parser("params", help="print the parameter count (or table) of a config")
     count.add_argument("--config", required=True)
+    count.add_argument("--table", action="store_true", help="every parameter: shape, dtype, sharding, weight decay")
     count.add_argument("overrides", nargs="*")
     count.set_defaults(fn=params)
     to_records = commands.add_parser("convert", help="convert text files/folders or JSONL to one ArrayRecord file")

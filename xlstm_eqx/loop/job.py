@@ -21,6 +21,7 @@ from ..models import build
 from ..parallel import make_mesh
 from ..parallel.distributed import allgather_json
 from ..train import build_optimizer, build_schedule, init, make_eval_step, make_train_step
+from ..train.param_table import format_param_table, param_rows
 from .events import Event, Hook
 from .fit import fit, plan_steps
 from .hooks import checkpoint_hook, lr_monitor, profiler
@@ -124,6 +125,9 @@ def train_job(
                 state = target  # already a fresh, concrete state
         if state is None:
             state, static = init(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
+        rows = param_rows(state.params, mesh, fsdp_min_weight_size=fsdp_min,
+                          weight_decay_exclude=config.optim.weight_decay_exclude)  # fmt: skip
+        logger.info("parameters:\n%s", format_param_table(rows))
         train_step = make_train_step(static, tx, mesh, config.train, fsdp_min_weight_size=fsdp_min)
         eval_step = make_eval_step(static, mesh, config.train, fsdp_min_weight_size=fsdp_min)
 

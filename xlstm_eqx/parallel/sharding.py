@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .mesh import FSDP_AXIS, TP_AXIS, batch_axes
@@ -36,8 +36,9 @@ def dotted_path(path: tuple) -> str:
     return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
 
 
-def parameter_spec(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_weight_size: int) -> P:
-    """The PartitionSpec of one parameter; ValueError names it when 'model' does not divide its split axis."""
+def parameter_spec(path: str, shape: tuple[int, ...], mesh: Mesh | AbstractMesh, fsdp_min_weight_size: int) -> P:
+    """The PartitionSpec of one parameter (only the mesh's axis sizes matter, so an AbstractMesh will do);
+    ValueError names it when 'model' does not divide its split axis."""
     spec: list[Any] = [None] * len(shape)
     tp = mesh.shape[TP_AXIS]
     for pattern, axis in TENSOR_PARALLEL_RULES:
@@ -62,7 +63,7 @@ def parameter_spec(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_weigh
     return P(*spec)
 
 
-def parameter_specs(params: Any, mesh: Mesh, fsdp_min_weight_size: int = 2**18) -> Any:
+def parameter_specs(params: Any, mesh: Mesh | AbstractMesh, fsdp_min_weight_size: int = 2**18) -> Any:
     """A pytree of PartitionSpecs shaped like ``params`` (arrays or ShapeDtypeStructs; None holes kept)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: parameter_spec(dotted_path(path), tuple(leaf.shape), mesh, fsdp_min_weight_size), params
