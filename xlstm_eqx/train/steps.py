@@ -77,6 +77,7 @@ def make_train_step(
 
     def step_modes(measured: Mapping[str, Measured]) -> dict[str, tuple[str, ...]]:
         return {**_train_modes(measured, config), **{k: v for k, v in own_modes.items() if k in measured}}
+
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
 
     def local_grads(params, batch, key, specs):
@@ -115,9 +116,7 @@ def make_train_step(
                 for i in range(1, micro_batches):
                     grads, measured = jax.tree.map(jnp.add, (grads, measured), grads_of(take(i), i))
         if config.check_for_nan and "loss" not in measured:
-            raise ValueError(
-                f"train.check_for_nan needs the loss_fn to measure 'loss'; it measured {sorted(measured)}"
-            )
+            raise ValueError(f"train.check_for_nan needs the loss_fn to measure 'loss'; it measured {sorted(measured)}")
         return grads, reduce_measured(measured, step_modes(measured), rows_axes)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
