@@ -207,6 +207,8 @@ def test_logs_read_back_equal_to_the_metrics(tiny, tmp_path):
     assert [r["log_step"] for r in rows if r["mode"] == "train" and "epoch_time" in r] == [6, 12]
     assert [r["compile_time"] > 0 for r in rows if r["mode"] == "timing"] == [True]
     assert {r["mode"] for r in rows} >= {"model", "dataset", "parallel", "test"}
+    dataset = next(r for r in rows if r["mode"] == "dataset")
+    assert (dataset["global_batch_size"], dataset["local_batch_size"], dataset["num_epochs"]) == (8, 8, 2)
     # CSV: the same numbers, row by row.
     with (tmp_path / "metrics_val.csv").open(newline="") as file:
         csv_rows = list(csv.DictReader(file))
@@ -323,3 +325,31 @@ def test_a_failing_eval_step_fails_before_the_first_train_step(tiny):
         fit(state, train_step, broken, Stream(), config=config, val_data={"plays": eval_set(1)}, hooks=[hook])
     assert "first batch of validation set 'plays', checked before training" in str(raised.value.__notes__)
     assert [kind for kind, *_ in seen] == []  # not even train_start: no step was taken
+
+
+def test_a_writer_of_ones_own_gets_every_row_and_the_config(tiny, tmp_path):
+    class Rows:
+        def __init__(self):
+            self.rows, self.config, self.closed = [], None, False
+
+        def write(self, mode, step, epoch, metrics):
+            self.rows.append((mode, step, dict(metrics)))
+
+        def log_config(self, config):
+            self.config = config
+
+        def close(self):
+            self.closed = True
+
+    state, train_step, eval_step, *_ = tiny
+    mine = Rows()
+    logger = RunLogger(tmp_path, LogConfig(writers=("jsonl",)), writers=[mine])
+    logger.log_config({"seed": 3})
+    fit(state, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=4, check_val_every_n_steps=2),
+        log_every_n_steps=2, val_data=eval_set(1), logger=logger)  # fmt: skip
+    logger.finalize("success")
+    on_disk = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["log_step"]) for r in on_disk] == [(mode, step) for mode, step, _ in mine.rows]
+    assert [s for m, s, row in mine.rows if m == "val"] == [2, 4] and mine.config == {"seed": 3} and mine.closed
+    with pytest.raises(TypeError, match="not a metric writer|MetricWriter"):  # ours, or the type checker's
+        RunLogger(tmp_path / "other", writers=[object()])

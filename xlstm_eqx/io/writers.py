@@ -10,11 +10,21 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 STEP, EPOCH = "log_step", "log_epoch"
+
+
+@runtime_checkable
+class MetricWriter(Protocol):
+    """What the run logger needs of a writer (the seed's LoggerTool): rows as they come, then ``close``. Give
+    your own (a database, wandb, …) to ``RunLogger(writers=...)`` / ``train_job(extra_writers=...)``."""
+
+    def write(self, mode: str, step: int, epoch: int, metrics: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _host(value: Any) -> Any:

@@ -101,9 +101,11 @@ def run_info(state: Any, batch: Any, total: int, per_epoch: int) -> dict[str, di
         "model": {"num_params": count(state.params), "num_optimizer_state": count(state.opt_state)},
         "dataset": {
             "global_batch_size": batch.inputs.shape[0],
+            "local_batch_size": batch.inputs.shape[0] // jax.process_count(),  # rows each process loads
             "seq_len": batch.inputs.shape[1],
             "tokens_per_step": batch.inputs.size,
             "steps_per_epoch": per_epoch,
+            "num_epochs": math.ceil(total / per_epoch),
             "num_train_steps": total,
         },
         "parallel": {

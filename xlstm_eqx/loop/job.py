@@ -17,6 +17,7 @@ from ..config import Config, to_dict
 from ..config.parsing import ConfigError
 from ..data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, check_fits_model
 from ..io.checkpoint import Checkpointer
+from ..io.writers import MetricWriter
 from ..models import build
 from ..parallel import make_mesh
 from ..parallel.distributed import allgather_json
@@ -86,12 +87,18 @@ def _lm_eval_hook(config: Config, static: Any, mesh: Any, run_dir: Path, latest:
 
 
 def train_job(
-    config: Config, *, extra_hooks: Sequence[Hook] = (), sample_prompt: str = "", sample_tokens: int = 0
+    config: Config,
+    *,
+    extra_hooks: Sequence[Hook] = (),
+    extra_writers: Sequence[MetricWriter] = (),
+    sample_prompt: str = "",
+    sample_tokens: int = 0,
 ) -> dict[str, Any]:
     """Runs the whole job and returns its summary (status, steps, validation/test perplexity, the unigram
-    baseline, timings, sample). Everything is written under ``config.log.run_dir``."""
+    baseline, timings, sample). Everything is written under ``config.log.run_dir``; ``extra_writers`` (see
+    :class:`~xlstm_eqx.io.writers.MetricWriter`) receive every metric row as well."""
     run_dir = Path(config.log.run_dir)
-    logger = RunLogger(run_dir, config.log, process_index=jax.process_index())
+    logger = RunLogger(run_dir, config.log, process_index=jax.process_index(), writers=extra_writers)
     checkpointer, status, summary = None, "error", {}
     try:
         config_dict = to_dict(config)

@@ -12,13 +12,14 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..config.run import LogConfig
-from ..io.writers import CsvWriter, JsonlWriter, TensorBoardWriter, is_finite_row
+from ..io.writers import CsvWriter, JsonlWriter, MetricWriter, TensorBoardWriter, is_finite_row
 
 TEXT_FORMAT = "%(asctime)s %(name)s:%(lineno)d %(levelname)s [R%(process_index)d] %(message)s"
 PACKAGE_LOGGER = "xlstm_eqx"
@@ -53,9 +54,18 @@ class _RankFilter(logging.Filter):
 class RunLogger:
     """Writes metric rows (``write``), the config (``log_config``), text (``info``/``warning``) and the final
     status (``finalize``) of one run. On process 0 the text log receives every INFO-and-up record of the
-    ``xlstm_eqx`` loggers while the run is open; other processes write nothing."""
+    ``xlstm_eqx`` loggers while the run is open; other processes write nothing. ``writers`` are added to the ones
+    ``config.writers`` names; each gets every row and is closed with the run (a ``log_config(dict)`` method, if
+    it has one, also gets the config)."""
 
-    def __init__(self, run_dir: str | Path, config: LogConfig = LogConfig(), *, process_index: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: LogConfig = LogConfig(),
+        *,
+        process_index: int = 0,
+        writers: Sequence[MetricWriter] = (),
+    ):
         self.run_dir = Path(run_dir)
         self.config = config
         self.is_main = process_index == 0
@@ -83,7 +93,10 @@ class RunLogger:
             "csv": lambda: CsvWriter(self.run_dir),
             "tensorboard": lambda: TensorBoardWriter(self.tensorboard_dir, config.tensorboard_flush_secs),
         }
-        self._writers = [makers[name]() for name in config.writers]
+        for writer in writers:
+            if not isinstance(writer, MetricWriter):
+                raise TypeError(f"{type(writer).__name__} is not a metric writer: it needs write() and close()")
+        self._writers = [makers[name]() for name in config.writers] + list(writers)
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -106,6 +119,8 @@ class RunLogger:
         for writer in self._writers:
             if isinstance(writer, TensorBoardWriter):
                 writer.add_text("config", "```\n" + text + "```")
+            elif hasattr(writer, "log_config"):
+                writer.log_config(config)
 
     def info(self, message: str, *args: Any) -> None:
         self.text.info(message, *args)
