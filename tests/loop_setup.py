@@ -78,6 +78,7 @@ def job_config(corpus, run_dir, *overrides):
             "data.seq_len=32", "data.global_batch_size=8", "optim.warmup_steps=2", "optim.decay_steps=8",
             "loop.num_train_steps=12", "loop.steps_per_epoch=6", "loop.check_val_every_n_steps=4",
             "loop.enable_progress_bar=false", "log.log_every_n_steps=2", "checkpoint.every_n_steps=5",
+            "lm_eval.evaluation_tasks=[]",  # lm-eval in the job is tested in test_lm_eval_run, on its own
             f"log.run_dir={run_dir}", *overrides,
         ],
     )  # fmt: skip

@@ -80,7 +80,7 @@ def test_run_directory_of_another_model_is_refused_and_kept(corpus, tmp_path):
 def test_checkpoints_without_optimizer_state_resume_on_schedule(corpus, tmp_path):
     run = tmp_path / "run"
     args = ["loop.check_val_every_n_steps=-1", "checkpoint.monitor=null", "checkpoint.save_optimizer=false",
-            "hooks.lr_monitor_every_n_steps=1", "lm_eval.evaluation_tasks=[]", "data.test_files=[]"]  # fmt: skip
+            "hooks.lr_monitor_every_n_steps=1", "data.test_files=[]"]  # fmt: skip
     train_job(job_config(corpus, run, "loop.num_train_steps=5", *args))
     assert not (run / "checkpoints" / "5" / "opt_state").exists()
     summary = train_job(job_config(corpus, run, "loop.num_train_steps=7", *args))
