@@ -93,3 +93,16 @@ def test_model_choices_are_checked_without_a_type_checker(field, value, match):
     with pytest.raises(ConfigError, match=match) as info:
         config.__post_init__()
     assert info.value.path == field
+
+
+def test_validation_sets_are_named_all_or_none():
+    from xlstm_eqx.config.run import DataSection
+    from xlstm_eqx.loop.run_data import named_validation_sets, split_paths
+
+    named = DataSection(corpus="files", train_files=("t.txt",), validation_files=("a=x.txt", "b=y.txt", "a=z/w.txt"))
+    assert named_validation_sets(named) == {"a": ["x.txt", "z/w.txt"], "b": ["y.txt"]}
+    assert split_paths(named)[1] == ["x.txt", "y.txt", "z/w.txt"]
+    plain = DataSection(corpus="files", train_files=("t.txt",), validation_files=("x.txt", "dir/a=b.txt"))
+    assert named_validation_sets(plain) == {} and split_paths(plain)[1] == ["x.txt", "dir/a=b.txt"]
+    with pytest.raises(ConfigError, match="name every entry"):
+        DataSection(corpus="files", train_files=("t.txt",), validation_files=("a=x.txt", "y.txt"))

@@ -153,3 +153,15 @@ def test_an_eval_batch_the_mesh_cannot_split_is_refused_before_anything_runs(cor
     with pytest.raises(ConfigError, match=r"data.eval_batch_size: 3 rows do not split over the mesh's data × fsdp = 2"):
         train_job(job_config(corpus, tmp_path / "run", "mesh.data=2", "data.eval_batch_size=3"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_named_validation_sets_are_validated_and_monitored_each_on_its_own(corpus, tmp_path):
+    sets = f"data.validation_files=[plays={corpus}/val.txt,again={corpus}/val.txt,tests={corpus}/test.txt]"
+    args = [sets, "checkpoint.monitor=tests_loss", "loop.num_train_steps=4", "data.test_files=[]"]
+    summary = train_job(job_config(corpus, tmp_path / "run", *args))
+    assert summary["status"] == "success"
+    assert summary["val_plays_loss"] == summary["val_again_loss"] != summary["val_tests_loss"]  # same file, same loss
+    assert summary["unigram_val_plays_perplexity"] > 1 and summary["val_loss"] is None
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["mode"] == "val"]
+    assert val and all({"plays_loss", "again_loss", "tests_perplexity"} <= set(r) and "loss" not in r for r in val)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from .parsing import ConfigError
 
 WRITERS = ("jsonl", "csv", "tensorboard")
+
+
+_SET_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.+)$")
+
+
+def split_set_name(entry: str) -> tuple[str | None, str]:
+    """``"plays=data/val.txt"`` → ``("plays", "data/val.txt")``; an entry without a name → ``(None, entry)``."""
+    found = _SET_NAME.match(entry)
+    return (found.group(1), found.group(2)) if found else (None, entry)
 
 
 @dataclass(frozen=True)
@@ -19,7 +29,8 @@ class DataSection:
     ``tokenizer`` is a ``tokenizers`` JSON file (None = the shipped Shakespeare BPE). ``seq_len`` inputs per row;
     ``global_batch_size`` rows per step over all processes; ``eval_batch_size`` rows per evaluation batch
     (None = ``global_batch_size``); ``mode`` ``pack`` | ``concat``; ``val_max_batches`` caps each validation
-    (None = the whole split).
+    (None = the whole split). ``validation_files`` written ``NAME=PATH`` (all or none) make named validation sets,
+    one per name, whose metrics are logged as ``<NAME>_loss`` etc. (monitor e.g. ``plays_loss``).
     """
 
     corpus: Literal["shakespeare", "files"] = "shakespeare"
@@ -48,6 +59,10 @@ class DataSection:
             if self.corpus != "files" and getattr(self, name):
                 raise ConfigError(name, f"is read only with corpus: files (corpus is {self.corpus!r}, which would "
                                         "ignore it); set data.corpus=files")  # fmt: skip
+        names = [split_set_name(entry)[0] for entry in self.validation_files]
+        if any(names) and not all(names):
+            raise ConfigError("validation_files", "name every entry (NAME=PATH) or none of them, got "
+                                                  f"{list(self.validation_files)}")  # fmt: skip
         if self.worker_count < 0:
             raise ConfigError("worker_count", f"must be ≥ 0 (0: load in this process), got {self.worker_count}")
         if self.val_max_batches is not None and self.val_max_batches < 1:

@@ -177,6 +177,8 @@ def train_job(
         )  # fmt: skip
         status = result.status
         validations = [v for k, v in result.results.items() if k.startswith("val_")]
+        last_val = validations[-1] if validations else {}
+        val_sets = data.validation if isinstance(data.validation, dict) else {"": data.validation}
         summary = {
             "status": result.status,
             "run_dir": str(run_dir),
@@ -184,15 +186,20 @@ def train_job(
             "steps": result.step,
             "steps_per_epoch": per_epoch,
             "train_seconds": time.perf_counter() - started,
-            "val_loss": validations[-1].get("loss") if validations else None,
-            "val_perplexity": validations[-1].get("perplexity") if validations else None,
+            "val_loss": last_val.get("loss"),
+            "val_perplexity": last_val.get("perplexity"),
             "test_perplexity": result.results.get("test", {}).get("perplexity"),
             "test_checkpoint_step": result.results.get("test", {}).get("checkpoint_step"),
         }
         summary.update(lm_eval_metrics)
-        if data.validation is not None:
-            summary["unigram_val_perplexity"] = unigram_perplexity(
-                data.train_token_counts, data.validation(), config.model.vocab_size
+        for name, one in val_sets.items():  # named sets: <name>_loss … in the rows, val_<name>_… here
+            if one is None:
+                continue
+            suffix = f"_{name}" if name else ""
+            if name:
+                summary.update({f"val{suffix}_{k}": last_val.get(f"{name}_{k}") for k in ("loss", "perplexity")})
+            summary[f"unigram_val{suffix}_perplexity"] = unigram_perplexity(
+                data.train_token_counts, one(), config.model.vocab_size
             )
         if sample_tokens > 0:  # on every process: the weights span all of them
             from ..models.generate import sample_text

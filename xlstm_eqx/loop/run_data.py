@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from ..config.parsing import ConfigError
-from ..config.run import DataSection
+from ..config.run import DataSection, split_set_name
 from ..data.corpus import default_corpus
 from ..data.loader import BatchIterator, eval_batches, eval_num_batches, train_batches
 from ..data.pipeline import DataConfig, train_dataset
@@ -29,11 +29,12 @@ from ..parallel.sharding import batch_spec
 @dataclasses.dataclass(frozen=True)
 class RunData:
     """``train``: the endless, resumable training stream of global batches; ``validation`` / ``test``: zero-argument
-    callables returning a fresh pass (None when the split is absent); ``steps_per_epoch``: batches in one
-    pass over the training data; ``train_token_counts``: token frequencies of that pass (for baselines)."""
+    callables returning a fresh pass (None when the split is absent), and for named validation sets a mapping
+    name → such a callable; ``steps_per_epoch``: batches in one pass over the training data;
+    ``train_token_counts``: token frequencies of that pass (for baselines)."""
 
     train: BatchIterator
-    validation: Callable[[], Iterable[Any]] | None
+    validation: Callable[[], Iterable[Any]] | dict[str, Callable[[], Iterable[Any]]] | None
     test: Callable[[], Iterable[Any]] | None
     steps_per_epoch: int
     train_token_counts: Counter
@@ -42,7 +43,8 @@ class RunData:
 def split_paths(section: DataSection) -> tuple[list, list, list]:
     if section.corpus == "shakespeare":
         return default_corpus("train"), default_corpus("validation"), default_corpus("test")
-    return list(section.train_files), list(section.validation_files), list(section.test_files)
+    validation = [split_set_name(entry)[1] for entry in section.validation_files]
+    return list(section.train_files), validation, list(section.test_files)
 
 
 def _data_config(section: DataSection, rows: int, **changes: Any) -> DataConfig:
@@ -96,7 +98,20 @@ def build_run_data(section: DataSection, tokenizer: Tokenizer, mesh: Mesh) -> Ru
             eval_batches(source, tokenizer, eval_config, sharding=sharding, num_batches=count), section.val_max_batches
         )
 
-    return RunData(train, eval_set(val_paths), eval_set(test_paths), batches, counts)
+    named = named_validation_sets(section)
+    validation = {name: eval_set(paths) for name, paths in named.items()} if named else eval_set(val_paths)
+    return RunData(train, validation, eval_set(test_paths), batches, counts)
+
+
+def named_validation_sets(section: DataSection) -> dict[str, list[str]]:
+    """``validation_files`` entries written ``NAME=PATH`` grouped by name (in order of first appearance): each
+    name is its own validation set, logged as ``<name>_loss`` etc. Empty when the entries carry no names."""
+    named: dict[str, list[str]] = {}
+    for entry in section.validation_files:
+        name, path = split_set_name(entry)
+        if name is not None:
+            named.setdefault(name, []).append(path)
+    return named
 
 
 def unigram_perplexity(train_counts: Counter, batches: Iterable[Any], vocab_size: int) -> float:

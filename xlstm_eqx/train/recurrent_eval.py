@@ -17,6 +17,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -95,7 +96,8 @@ def make_recurrent_eval_step(
         batch, resets = prepare(batch)
         model_state, summed = zero_state(rows), None
         for i in range(math.ceil(length / chunk_size)):
-            chunk, chunk_resets = take_chunk((batch, resets), jnp.int32(i * chunk_size))
+            # a host scalar: a device array on this process's default device would need a cross-process transfer
+            chunk, chunk_resets = take_chunk((batch, resets), np.int32(i * chunk_size))
             model_state, measured = chunk_step(state.params, model_state, chunk, chunk_resets)
             summed = measured if summed is None else jax.tree.map(jnp.add, summed, measured)
         batch_metrics = accumulate(summed, modes)  # the chunks' sums are one batch's, as eval_step's are
