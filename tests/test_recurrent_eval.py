@@ -151,7 +151,10 @@ def test_a_new_row_length_compiles_a_fixed_few_programs(caplog):
             caplog.clear()
             step(state, batch)
             compiled.append([r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()])
-    assert all(len(programs) <= 2 for programs in compiled), "\n".join(m[:200] for p in compiled for m in p)
+    # a new length compiles prepare (so the log is being read), and at most take_chunk besides
+    assert all(any("jit(prepare)" in m for m in p) and len(p) <= 2 for p in compiled), "\n".join(
+        m[:200] for p in compiled for m in p
+    )
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])

@@ -32,10 +32,10 @@ from ..data.pipeline import with_workers
 from ..parallel import batch_parallel_size, batch_spec, make_mesh, named, parameter_specs
 from ..train.loss import measure_in_slices, target_scores
 from ..train.metrics import Measured
-from ..train.metrics_host import aggregate_host, to_host
 from ..train.recurrent_eval import make_recurrent_eval_step
 from ..train.state import TrainState, split_model
 from ..train.steps import make_eval_step
+from .extended import evaluate_extended
 from .fusion import fuse_document_results
 from .rows import Row, RowBatches, whole_row, window_rows
 
@@ -144,7 +144,7 @@ class Scorer:
         source = RowBatches(rows, settings.batch_size, "multiple" if recurrent else "power_of_two",
                             settings.chunk_size if recurrent else settings.window)  # fmt: skip
         step = self.recurrent_step if recurrent else self.fixed_step
-        results = _run(step, self.state, self._batches(source))
+        results = evaluate_extended(step, self.state, self._batches(source), ROW_MODES)  # per row, with its document
         fused = fuse_document_results(results)
         if len(fused) != len(requests):
             raise RuntimeError(f"scored {len(fused)} documents for {len(requests)} requests")
@@ -167,13 +167,3 @@ def _check_same_requests(requests: Sequence[tuple[Sequence[int], Sequence[int]]]
         return
     digest = hashlib.sha256(repr([(list(c), list(t)) for c, t in requests]).encode()).digest()
     multihost_utils.assert_equal(np.frombuffer(digest, np.uint8), "the processes were given different scoring requests")
-
-
-def _run(step: Any, state: TrainState, batches: Iterable[Any]) -> dict[str, Any]:
-    """Per-row results of every batch, concatenated on the host, with each row's document index."""
-    aggregated, documents = None, []
-    for indexed in batches:
-        metrics = step(state, indexed.batch, None)
-        aggregated = aggregate_host(aggregated, to_host(metrics), ROW_MODES)
-        documents.append(np.asarray(multihost_utils.process_allgather(indexed.document_index, tiled=True)))
-    return {**(aggregated or {}), "document_idx_single_noreduce": np.concatenate(documents)}

@@ -152,6 +152,7 @@ def fit(
     hooks = [nan_stop(), *hooks] if stop_on_nan else list(hooks)
     step = int(jax.device_get(state.step))
     write = logger.write if logger is not None else (lambda *args: True)
+    info = logger.info if logger is not None else (lambda *args: None)
     results: dict[str, dict[str, Any]] = {}
     timer, epoch_start = StepTimer(), time.perf_counter()
 
@@ -186,7 +187,6 @@ def fit(
         timer.reset(step)  # evaluation time never counts as step time
         return metrics, stop
 
-    info = logger.info if logger is not None else (lambda *args: None)
     get_data_state = getattr(train_data, "get_state", lambda: None)
     data_state = get_data_state()  # the stream's position after the last step taken (what a checkpoint needs)
     batch = next(train_data) if step < total else None
