@@ -26,7 +26,7 @@ from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.loop.job import train_job
 from xlstm_eqx.loop.restore import load_from_checkpoint
 from xlstm_eqx.parallel.distributed import DistributedError, check_port_free, resolve
-from xlstm_eqx.parallel.launch import launch_local, reserved_port, start_ranks, stop_ranks, supervise
+from xlstm_eqx.parallel.launch import dump_stacks, launch_local, reserved_port, start_ranks, stop_ranks, supervise
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH = 32, 8
@@ -154,6 +154,23 @@ def test_two_processes_train_resume_and_evaluate_like_one(documents, single_run,
     assert "Traceback" not in logs["rank1.log"]
 
 
+def test_steps_called_back_to_back_across_processes_finish_and_agree(tmp_path):
+    """Two processes of two CPU devices each, the steps dispatched without waiting (see mp_back_to_back_steps)."""
+    from mp_back_to_back_steps import run
+
+    logs = tmp_path / "ranks"
+    result = launch_local([sys.executable, str(ROOT / "tests" / "mp_back_to_back_steps.py")], 2, cpu_devices=2,
+                          timeout_s=120, log_dir=logs, cwd=ROOT)  # fmt: skip
+    outputs = [(logs / f"rank{r}.log").read_text() for r in range(2)]
+    assert result.ok, f"{result.reason}\n" + "\n".join(f"--- rank{r}\n{o[-3000:]}" for r, o in enumerate(outputs))
+    ours = [json.loads(o.strip().splitlines()[-1]) for o in outputs]
+    reference = run(jax.devices()[:4])  # one process, the same four-way data-parallel mesh
+    assert ours[0] == ours[1] and ours[0]["must_wait"] and not reference["must_wait"]
+    for key in ("eval_loss", "recurrent_loss", "train_loss", "embedding_abs_sum"):
+        np.testing.assert_allclose(ours[0][key], reference[key], rtol=1e-5, err_msg=key)
+    assert ours[0]["steps"] == reference["steps"] == 60
+
+
 def test_one_process_checkpoint_resumes_as_two_slurm_tasks(documents, single_run, tmp_path):
     run_dir = tmp_path / "slurm"
     shutil.copytree(single_run / "checkpoints", run_dir / "checkpoints")
@@ -220,6 +237,28 @@ def test_a_busy_coordinator_port_is_a_clear_error(tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     assert done.returncode == 2 and "already in use" in done.stderr
+
+
+def test_a_deadline_first_asks_the_ranks_for_their_stacks(tmp_path):
+    """A rank that joined a run writes every thread's stack on SIGUSR1 and goes on; the launcher asks for it
+    before stopping ranks at a deadline, so a hung run's logs say where each rank waited."""
+    code = ("import signal, time; from xlstm_eqx.parallel.distributed import dump_stacks_on; "
+            "dump_stacks_on(signal.SIGUSR1); print('ready', flush=True); "
+            "[time.sleep(0.05) for _ in iter(int, 1)]")  # fmt: skip
+    out = tmp_path / "rank0.log"
+    with open(out, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "ready" not in out.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, out.read_text()
+            time.sleep(0.05)
+        dump_stacks([proc], wait_s=1.0)
+        assert proc.poll() is None  # still running: only the stacks were written
+        assert "most recent call first" in out.read_text() and "<listcomp>" in out.read_text()
+    finally:
+        stop_ranks([proc])
 
 
 def test_settings_come_from_flags_then_environment_then_slurm():

@@ -1,5 +1,6 @@
 """Meshes and shardings: the only package that knows the axis names."""
 
+from .dispatch import collectives_must_not_overlap, one_at_a_time
 from .mesh import AXES, BATCH_AXES, FSDP_AXIS, TP_AXIS, batch_axes, batch_parallel_size, make_mesh
 from .sharding import batch_spec, dotted_path, named, optimizer_state_specs, parameter_specs
 
@@ -11,9 +12,11 @@ __all__ = [
     "batch_axes",
     "batch_parallel_size",
     "batch_spec",
+    "collectives_must_not_overlap",
     "dotted_path",
     "make_mesh",
     "named",
+    "one_at_a_time",
     "optimizer_state_specs",
     "parameter_specs",
 ]

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import faulthandler
 import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -152,11 +154,23 @@ def check_port_free(address: str) -> None:
             raise DistributedError(f"cannot listen on the coordinator address {address}: {e}") from e
 
 
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+
+
+def dump_stacks_on(signum: int) -> None:
+    """On ``signum`` this process writes every thread's Python stack to stderr and goes on: a launcher (or a
+    person, ``kill -USR1 PID``) sees where a hung rank waits, e.g. which collective. Kept if the signal already
+    has a handler."""
+    if signal.getsignal(signum) in (signal.SIG_DFL, None):
+        faulthandler.register(signum, all_threads=True, chain=False)
+
+
 def initialize(config: DistributedConfig) -> None:
     """Joins the run ``config`` describes (nothing for a single process). Afterwards ``jax.devices()`` are the
     devices of all processes and ``jax.process_index()`` is this process's id. Call before any other JAX use."""
     if not config.multi_process:
         return
+    dump_stacks_on(STACK_DUMP_SIGNAL)
     bind = _bind_address(config)
     if config.process_id == 0 and bind is not None:
         check_port_free(bind)

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from .distributed import ENV_PREFIX
+from .distributed import ENV_PREFIX, STACK_DUMP_SIGNAL
 
 PORT_BUSY = "is already in use"  # in rank 0's error when its coordinator port was taken meanwhile
 
@@ -101,17 +101,33 @@ def start_ranks(command: Sequence[str], num_processes: int, port: int, *, cpu_de
 
 
 def stop_ranks(procs: Sequence[subprocess.Popen], grace_s: int | float = 2.0) -> None:
-    """SIGTERM to every still running rank's process group, then SIGKILL after ``grace_s``."""
+    """SIGTERM to every still running rank's process group (or the rank, where it leads none), then SIGKILL
+    after ``grace_s``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for proc in procs:
             if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     os.killpg(proc.pid, sig)
+                except ProcessLookupError:  # not a group leader (not started by start_ranks): the rank alone
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
         deadline = time.monotonic() + grace_s
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.05)
     for proc in procs:
         proc.wait()
+
+
+def dump_stacks(procs: Sequence[subprocess.Popen], wait_s: float = 2.0) -> None:
+    """Asks every still running rank to write its threads' stacks to its log (ranks that joined a run handle
+    :data:`~.distributed.STACK_DUMP_SIGNAL`, see :func:`~.distributed.dump_stacks_on`), so a deadline shows
+    where each one hung."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, STACK_DUMP_SIGNAL)
+    if running:
+        time.sleep(wait_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +156,7 @@ def supervise(procs: Sequence[subprocess.Popen], timeout_s: int | float | None =
         if all(rc == 0 for rc in codes):
             return "all ranks finished"
         if deadline is not None and time.monotonic() > deadline:
+            dump_stacks(procs)
             stop_ranks(procs)
             return f"deadline of {timeout_s} s passed; stopped all ranks"
         time.sleep(0.05)

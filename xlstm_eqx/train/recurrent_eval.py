@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
-from ..parallel import TP_AXIS, batch_axes, batch_spec, parameter_specs
+from ..parallel import TP_AXIS, batch_axes, batch_spec, one_at_a_time, parameter_specs
 from .loss import ChunkMeasure, lm_measure, measure_in_slices
 from .metrics import ModesSpec, accumulate, as_eval_log_modes, merge_metrics, reduce_measured
 from .state import TrainState
@@ -80,6 +80,7 @@ def make_recurrent_eval_step(
         measured = measure_in_slices(model.head, measure_fn, features, chunk, logits_slice)
         return model_state, reduce_measured(measured, modes, rows_axes)
 
+    @functools.partial(one_at_a_time, mesh=mesh)
     @functools.partial(jax.jit, donate_argnums=(1,))
     def chunk_step(params, model_state, chunk, resets):
         specs = parameter_specs(params, mesh, fsdp_min_weight_size)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config.train import TrainConfig
 from ..data.batch import Batch
-from ..parallel import batch_axes, dotted_path, parameter_specs
+from ..parallel import batch_axes, dotted_path, one_at_a_time, parameter_specs
 from .loss import INTERMEDIATES_PREFIX, lm_eval_loss, lm_loss
 from .metrics import (
     LogModes,
@@ -159,7 +159,7 @@ def make_train_step(
 
     if config.debug:
         return train_step
-    return jax.jit(train_step, donate_argnums=(0,) if config.donate_train_state else ())
+    return one_at_a_time(jax.jit(train_step, donate_argnums=(0,) if config.donate_train_state else ()), mesh)
 
 
 def _train_modes(measured: dict, config: TrainConfig) -> dict[str, tuple[str, ...]]:
@@ -210,4 +210,4 @@ def make_eval_step(
         new = accumulate(measured, eval_modes)
         return new if metrics is None else merge_metrics(metrics, new)
 
-    return eval_step if config.debug else jax.jit(eval_step)
+    return eval_step if config.debug else one_at_a_time(jax.jit(eval_step), mesh)
