@@ -82,12 +82,18 @@ def train_command(*args: str) -> list[str]:
             "--sample-tokens", "0", "--heartbeat-timeout", "10", "--initialization-timeout", "60", *args]  # fmt: skip
 
 
-def launch(run_dir: Path, processes: int, devices: int, args: list[str], *flags: str, timeout_s: float = 240):
-    result = launch_local(train_command(*flags, *args), processes, cpu_devices=devices, timeout_s=timeout_s,
-                          log_dir=run_dir / f"ranks_{processes}x{devices}", cwd=ROOT)  # fmt: skip
-    logs = {p.name: p.read_text() for p in (run_dir / f"ranks_{processes}x{devices}").glob("rank*.log")}
+def launch_logged(command: list[str], log_dir: Path, processes: int, devices: int, timeout_s: float) -> dict[str, str]:
+    """Runs ``command`` as ``processes`` ranks of ``devices`` CPU devices each; their logs by file name
+    (``rank0.log``, …), all of them shown if the run did not succeed."""
+    result = launch_local(command, processes, cpu_devices=devices, timeout_s=timeout_s, log_dir=log_dir, cwd=ROOT)
+    logs = {p.name: p.read_text() for p in log_dir.glob("rank*.log")}
     assert result.ok, f"{result.reason}\n" + "\n".join(f"--- {k}\n{v[-3000:]}" for k, v in sorted(logs.items()))
     return logs
+
+
+def launch(run_dir: Path, processes: int, devices: int, args: list[str], *flags: str, timeout_s: float = 240):
+    log_dir = run_dir / f"ranks_{processes}x{devices}"
+    return launch_logged(train_command(*flags, *args), log_dir, processes, devices, timeout_s)
 
 
 def rows(run_dir: Path, mode: str) -> dict[int, dict]:
@@ -158,12 +164,9 @@ def test_steps_called_back_to_back_across_processes_finish_and_agree(tmp_path):
     """Two processes of two CPU devices each, the steps dispatched without waiting (see mp_back_to_back_steps)."""
     from mp_back_to_back_steps import run
 
-    logs = tmp_path / "ranks"
-    result = launch_local([sys.executable, str(ROOT / "tests" / "mp_back_to_back_steps.py")], 2, cpu_devices=2,
-                          timeout_s=120, log_dir=logs, cwd=ROOT)  # fmt: skip
-    outputs = [(logs / f"rank{r}.log").read_text() for r in range(2)]
-    assert result.ok, f"{result.reason}\n" + "\n".join(f"--- rank{r}\n{o[-3000:]}" for r, o in enumerate(outputs))
-    ours = [json.loads(o.strip().splitlines()[-1]) for o in outputs]
+    script = [sys.executable, str(ROOT / "tests" / "mp_back_to_back_steps.py")]
+    logs = launch_logged(script, tmp_path / "ranks", 2, 2, timeout_s=120)
+    ours = [json.loads(logs[f"rank{r}.log"].strip().splitlines()[-1]) for r in range(2)]
     reference = run(jax.devices()[:4])  # one process, the same four-way data-parallel mesh
     assert ours[0] == ours[1] and ours[0]["must_wait"] and not reference["must_wait"]
     for key in ("eval_loss", "recurrent_loss", "train_loss", "embedding_abs_sum"):
