@@ -5,11 +5,13 @@ import json
 import math
 import struct
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
 from loop_setup import Stream, eval_set, setup
 
+from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.config.run import LogConfig, LoopConfig
 from xlstm_eqx.loop import (
     Event,
@@ -26,6 +28,8 @@ from xlstm_eqx.loop import (
     on,
     plan_steps,
 )
+from xlstm_eqx.parallel import make_mesh
+from xlstm_eqx.train import make_eval_step, to_host
 
 
 def recorder():
@@ -262,6 +266,20 @@ def test_dict_of_validation_sets_prefixes_each_sets_metrics(tiny):
         for key in ("loss", "accuracy", "perplexity"):
             assert metrics[f"{name}_{key}"] == alone[name][key]
     assert "loss" not in metrics
+
+
+def test_evaluation_compiles_one_program_for_first_and_later_batches_and_any_optimizer_state(tiny):
+    state, _, _, _, static, _ = tiny
+    eval_step = make_eval_step(static, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    data = eval_set(3)
+    whole = evaluate(eval_step, state, data)
+    by_hand = None
+    for batch in data:
+        by_hand = eval_step(state, batch, by_hand)
+    assert to_host(by_hand)["loss"] == whole["loss"]
+    without_optimizer = eqx.tree_at(lambda s: s.opt_state, state, ())  # e.g. a state restored for testing
+    assert evaluate(eval_step, without_optimizer, data)["loss"] == whole["loss"]
+    assert eval_step.batch_step._cache_size() == 1  # running metrics absent or not, optimizer state or not
 
 
 def _train_rows(directory):

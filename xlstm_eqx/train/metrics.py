@@ -199,8 +199,10 @@ def accumulate(measured: Mapping[str, Measured], modes: ModesSpec = None) -> Met
     return out
 
 
+@jax.jit
 def merge_metrics(old: Mapping[str, Accumulator], new: Mapping[str, Accumulator]) -> Metrics:
-    """``old`` with ``new`` folded in (pure). Keys present on one side only are kept as they are."""
+    """``old`` with ``new`` folded in (pure). Keys present on one side only are kept as they are. Jitted, so that
+    a loop folding each step's metrics on the host dispatches one program, not one per accumulator field."""
     out = dict(old)
     for key, acc in new.items():
         if key in out and type(out[key]) is not type(acc):

@@ -187,7 +187,10 @@ def make_eval_step(
     :mod:`xlstm_eqx.eval.extended`), a mode or sequence of modes applies to all; randomness, if the
     loss uses any, is fixed by ``seed_eval`` so evaluation is reproducible. The default ``loss_fn``,
     :func:`~.loss.lm_eval_loss`, measures what :func:`~.loss.lm_loss` does with the head run on slices of
-    positions, so evaluation memory does not grow with rows × time × vocab."""
+    positions, so evaluation memory does not grow with rows × time × vocab.
+
+    ``eval_step.batch_step(params, batch) -> metrics`` is the jitted program of one batch (e.g. for ``.lower``);
+    ``eval_step`` folds its result into ``metrics`` with the jitted :func:`~.metrics.merge_metrics`."""
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     eval_modes = as_eval_log_modes(modes)
 
@@ -198,16 +201,24 @@ def make_eval_step(
         _, measured = loss_fn(model, batch, key, z_loss=config.z_loss, tp_axis=tp_axis)
         return reduce_measured(measured, eval_modes, rows_axes)
 
-    def eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
+    def batch_metrics(params: Any, batch: Batch) -> Any:
         check_batch(batch, mesh)
-        specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
+        specs = parameter_specs(params, mesh, fsdp_min_weight_size)
         measured = jax.shard_map(
             functools.partial(local_eval, specs=specs),
             mesh=mesh,
             in_specs=(specs, batch_specs(batch, mesh)),
             out_specs=P(),
-        )(state.params, batch)
-        new = accumulate(measured, eval_modes)
+        )(params, batch)
+        return accumulate(measured, eval_modes)
+
+    # One program per batch shape: it sees neither the running metrics (absent on a set's first batch) nor the
+    # optimizer state (absent in a restored test state), so neither recompiles it; the fold is a small program.
+    batch_step = batch_metrics if config.debug else one_at_a_time(jax.jit(batch_metrics), mesh)
+
+    def eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
+        new = batch_step(state.params, batch)
         return new if metrics is None else merge_metrics(metrics, new)
 
-    return eval_step if config.debug else one_at_a_time(jax.jit(eval_step), mesh)
+    eval_step.batch_step = batch_step
+    return eval_step
