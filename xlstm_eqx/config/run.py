@@ -149,14 +149,19 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class HooksConfig:
-    """Built-in hooks. ``lr_monitor_every_n_steps``: log ``optimizer/lr`` (the LR the step's update applied;
-    ≤ 0: off). ``profile_first_step`` / ``profile_num_steps``: a ``jax.profiler`` trace of that step range into
-    ``<run_dir>/tensorboard`` (first step ≤ 0: off). ``nan_stop``: stop at the first step whose loss or
-    gradients are not finite (training's ``check_for_nan`` already keeps that step from changing anything)."""
+    """Built-in hooks. ``lr_monitor_every_n_steps`` / ``lr_monitor_every_n_epochs``: log ``optimizer/lr`` (the LR
+    the step's update applied) every N steps / at the end of every N-th epoch (≤ 0: off).
+    ``profile_first_step`` / ``profile_num_steps``: a ``jax.profiler`` trace of that step range into
+    ``<run_dir>/tensorboard`` (first step ≤ 0: off), repeated for ``profile_num_steps`` steps each time
+    ``profile_every_minutes`` have passed since the last trace ended (≤ 0: only once). ``nan_stop``: stop at the
+    first step whose loss or gradients are not finite (training's ``check_for_nan`` already keeps that step from
+    changing anything)."""
 
     lr_monitor_every_n_steps: int = 50
+    lr_monitor_every_n_epochs: int = -1
     profile_first_step: int = -1
     profile_num_steps: int = 5
+    profile_every_minutes: float = 60.0
     nan_stop: bool = True
 
     def __post_init__(self):

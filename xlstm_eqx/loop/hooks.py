@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ..config.parsing import ConfigError
 from ..config.run import CheckpointConfig
 from ..io.writers import is_finite_row
 from ..train.optim import learning_rate_at, optimizer_step_count
-from .events import Action, Event, Hook, Log, Stop, every_n_steps, main_process_only, on
+from .events import Action, Event, Hook, Log, Stop, every_n_epochs, every_n_steps, main_process_only, on
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,48 +40,69 @@ def nan_stop() -> Hook:
     return hook
 
 
-def lr_monitor(schedule: Callable[[Any], Any], every: int = 50, key: str = "optimizer/lr") -> Hook:
-    """Every ``every`` steps, logs ``key`` = the learning rate the step's update applied: the schedule at the
-    optimizer's count before that update (a skipped non-finite step applied nothing and logs the next one)."""
+def lr_monitor(
+    schedule: Callable[[Any], Any], every: int = 50, key: str = "optimizer/lr", every_epochs: int = -1
+) -> Hook:
+    """Every ``every`` steps, and at the end of every ``every_epochs``-th epoch (≤ 0: never), logs ``key`` = the
+    learning rate the last step's update applied: the schedule at the optimizer's count before that update (a
+    skipped non-finite step applied nothing and logs the next one). Epoch-end values join that step's train row."""
 
     def hook(event: Event) -> Iterable[Action]:
         count = optimizer_step_count(event.state.opt_state)
         return [Log({key: float(learning_rate_at(schedule, jax.numpy.maximum(count - 1, 0)))})]
 
-    return main_process_only(every_n_steps(every, on(["step"], hook)))
+    # every_n_steps passes epoch events and every_n_epochs step events: each filter acts on its own kind
+    return main_process_only(every_n_steps(every, every_n_epochs(every_epochs, on(["step", "epoch_end"], hook))))
 
 
 class _Profiler:
-    """A ``jax.profiler`` trace of steps [first, first + num_steps) into ``directory``; also stopped early at
-    a validation, an epoch end or the end of training (which would otherwise pollute the trace)."""
+    """``jax.profiler`` traces of ``num_steps`` steps into ``directory``: from step ``first`` on, and again at the
+    first step once ``every_s`` seconds have passed since training started or the last trace stopped
+    (``every_s`` ≤ 0: never again). A trace stops early at a validation, an epoch end or the end of training
+    (which would pollute it)."""
 
-    def __init__(self, directory: str | Path, first: int, num_steps: int):
-        self.directory, self.first, self.last = str(directory), first, first + num_steps - 1
-        self.active = False
+    def __init__(self, directory: str | Path, first: int, num_steps: int, every_s: float, clock: Callable[[], float]):
+        self.directory, self.first, self.num_steps = str(directory), first, num_steps
+        self.every_s, self.clock = every_s, clock
+        self.active, self.last, self.since = False, 0, None
+
+    def _due(self, event: Event) -> bool:
+        if event.step == self.first - 1:
+            return True
+        return self.every_s > 0 and self.since is not None and self.clock() - self.since >= self.every_s
 
     def _stop(self, state: Any) -> None:
         if self.active:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
-            self.active = False
+            self.active, self.since = False, self.clock()
             LOGGER.info("profiler trace written to %s", self.directory)
 
     def __call__(self, event: Event) -> None:
-        starts_next = event.step == self.first - 1 and event.kind in ("train_start", "step")
-        if starts_next and not self.active:
+        if event.kind == "train_start" and self.since is None:
+            self.since = self.clock()
+        if event.kind in ("train_start", "step") and not self.active and self._due(event):
             jax.profiler.start_trace(self.directory)
-            self.active = True
+            self.active, self.last = True, event.step + self.num_steps  # traces steps event.step + 1 … last
         elif event.kind == "step" and event.step >= self.last:
             self._stop(event.state)
         elif event.kind in ("val_start", "epoch_end", "train_end", "test_start"):
             self._stop(event.state)
 
 
-def profiler(directory: str | Path, first_step: int, num_steps: int = 5) -> Hook:
-    """Trace ``num_steps`` steps from ``first_step`` on (main process; ``first_step`` ≤ 0: never)."""
+def profiler(
+    directory: str | Path,
+    first_step: int,
+    num_steps: int = 5,
+    every_minutes: float = -1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> Hook:
+    """Trace ``num_steps`` steps from ``first_step`` on (main process; ``first_step`` ≤ 0: never), and again each
+    time ``every_minutes`` have passed since training started or the last trace ended (≤ 0: only the first).
+    Each trace is its own run under ``directory/plugins/profile``."""
     if first_step <= 0:
         return lambda event: None
-    return main_process_only(_Profiler(directory, first_step, num_steps))
+    return main_process_only(_Profiler(directory, first_step, num_steps, 60.0 * every_minutes, clock))
 
 
 @jax.jit

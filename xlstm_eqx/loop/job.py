@@ -150,8 +150,11 @@ def train_job(
                 "tokenizer": tokenizer_meta,
             }
 
-        hooks: list[Hook] = [lr_monitor(schedule, config.hooks.lr_monitor_every_n_steps)]
-        hooks.append(profiler(logger.tensorboard_dir, config.hooks.profile_first_step, config.hooks.profile_num_steps))
+        hc = config.hooks
+        hooks: list[Hook] = [
+            lr_monitor(schedule, hc.lr_monitor_every_n_steps, every_epochs=hc.lr_monitor_every_n_epochs),
+            profiler(logger.tensorboard_dir, hc.profile_first_step, hc.profile_num_steps, hc.profile_every_minutes),
+        ]
         if checkpointer is not None:
             hooks.append(checkpoint_hook(checkpointer, config.checkpoint, meta))
         lm_eval_metrics: dict[str, float] = {}
