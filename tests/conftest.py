@@ -32,6 +32,7 @@ os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT
 import itertools  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -67,3 +68,18 @@ def corpus(tmp_path_factory):
     for name, path in zip(names, works):
         (root / f"{name}.txt").write_text(path.read_text()[: 12_000 if name.startswith("train") else 3_000])
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_module():
+    """loop_setup's one-device setup (state, train_step, eval_step, schedule, static, tx), built once per module."""
+    from loop_setup import setup
+
+    return setup(total_steps=16)
+
+
+@pytest.fixture
+def tiny(tiny_module):
+    """A fresh copy of the state per test: fit consumes (donates) the state it is given."""
+    state, *rest = tiny_module
+    return (jax.tree.map(jnp.copy, state), *rest)

@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from loop_setup import Stream, eval_set, setup
+from loop_setup import Stream, eval_set
 
 from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.config.run import LogConfig, LoopConfig
@@ -111,18 +111,6 @@ def test_plan_steps():
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_module():
-    return setup(total_steps=16)
-
-
-@pytest.fixture
-def tiny(tiny_module):
-    """A fresh copy of the state per test: fit consumes (donates) the state it is given."""
-    state, *rest = tiny_module
-    return (jax.tree.map(jnp.copy, state), *rest)
 
 
 def test_fit_fires_each_event_at_the_expected_steps(tiny):
@@ -240,56 +228,6 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(LogPathError, match="cannot write to the run directory .*file/run"):
         RunLogger(blocker / "run")
-
-
-def test_profiler_traces_the_step_range(tiny, tmp_path):
-    from xlstm_eqx.loop import profiler
-
-    state, train_step, eval_step, *_ = tiny
-    hook, seen = recorder()
-    fit(state, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=5),
-        hooks=[profiler(tmp_path, first_step=2, num_steps=2), hook])  # fmt: skip
-    traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
-    assert len(traces) == 1 and traces[0].stat().st_size > 0
-    assert profiler(tmp_path / "off", first_step=0)(Event("step", 1, 1)) is None
-    assert not (tmp_path / "off").exists()
-
-
-def test_lr_monitor_logs_at_its_steps_and_at_the_end_of_its_epochs(tiny):
-    state, _, _, schedule, *_ = tiny
-    hook = lr_monitor(schedule, every=4, every_epochs=2)
-    logged = {(kind, step): hook(Event(kind, step, epoch, state))
-              for kind, step, epoch in [("step", 3, 1), ("step", 4, 2), ("epoch_end", 3, 1), ("epoch_end", 6, 2),
-                                        ("val_end", 4, 2), ("epoch_start", 6, 3)]}  # fmt: skip
-    expected = [Log({"optimizer/lr": pytest.approx(float(schedule(0)), rel=1e-6)})]  # the count of a fresh state
-    assert {key for key, actions in logged.items() if actions} == {("step", 4), ("epoch_end", 6)}
-    assert logged["step", 4] == expected and logged["epoch_end", 6] == expected
-    epochs_only = lr_monitor(schedule, every=0, every_epochs=1)
-    assert epochs_only(Event("step", 4, 1, state)) is None and epochs_only(Event("epoch_end", 4, 1, state))
-
-
-def test_profiler_traces_again_once_its_period_has_passed(monkeypatch, tmp_path):
-    from xlstm_eqx.loop import profiler
-
-    calls, now = [], [0.0]
-    monkeypatch.setattr(jax.profiler, "start_trace", lambda directory: calls.append(("start", directory)))
-    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
-    hook = profiler(tmp_path, first_step=3, num_steps=2, every_minutes=1.0, clock=lambda: now[0])
-    started = []
-    for step in range(0, 20):
-        now[0] = 20.0 * step  # seconds: a minute passes every three steps
-        before = len(calls)
-        hook(Event("train_start" if step == 0 else "step", step, 1, jnp.zeros(())))
-        started += [step for call in calls[before:] if call[0] == "start"]
-    # traces steps 3-4 (started after step 2), then 60 s after each stop: stopped at step 4 (80 s) -> due at 140 s
-    assert started == [2, 7, 12, 17]
-    assert [c[0] for c in calls] == ["start", "stop"] * 4  # each trace stops after its 2 steps
-    once = profiler(tmp_path, first_step=3, num_steps=2, every_minutes=-1.0, clock=lambda: now[0])
-    calls.clear()
-    for step in range(0, 20):
-        now[0] = 20.0 * step
-        once(Event("train_start" if step == 0 else "step", step, 1, jnp.zeros(())))
-    assert [c[0] for c in calls] == ["start", "stop"]
 
 
 def test_dict_of_validation_sets_prefixes_each_sets_metrics(tiny):
