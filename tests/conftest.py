@@ -17,8 +17,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # clone does. Many tests (and the subprocesses of the job, resume and multi-process tests, which inherit these
 # variables) compile the same small programs and eager ops again; the cache turns the repeats into reads. Under
 # pytest-xdist the controller's conftest runs before it starts the workers, so they inherit its directory and share
-# it; only the process that made the directory removes it. The train and eval steps are never cached: their
-# token-id check (eqx.error_if) is a host callback, which the persistent cache refuses.
+# it; only the process that made the directory removes it. The step programs are cached too: their token-id check
+# (eqx.error_if, a host callback, which the persistent cache refuses) is a small program of its own.
 # Do not lower XLA's backend optimisation level to compile faster: with jax 0.10.2, levels 0 and 1 gave NaN
 # gradients for a two-block float64 model (test_execution_policies_do_not_change_results) whose gradients are
 # finite at the default level and op by op.

@@ -29,7 +29,7 @@ from ..parallel import TP_AXIS, batch_axes, batch_spec, one_at_a_time, parameter
 from .loss import ChunkMeasure, lm_measure, measure_in_slices
 from .metrics import ModesSpec, accumulate, as_eval_log_modes, merge_metrics, reduce_measured
 from .state import TrainState
-from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
+from .step_inputs import batch_specs, check_batch, gather_fsdp, make_token_check, tp_axis_of
 
 
 def _state_spec(mesh: Mesh) -> Any:
@@ -52,7 +52,8 @@ def make_recurrent_eval_step(
     """``recurrent_eval_step(state, batch, metrics) -> metrics`` for rows of any length.
 
     Not jitted itself (a Python loop over chunks); each chunk runs one jitted ``shard_map`` step that takes and
-    returns the model's recurrent state, donated between chunks. Equals :func:`make_eval_step` on the same batch
+    returns the model's recurrent state, donated between chunks; token ids are checked once per batch, before the
+    chunks. Equals :func:`make_eval_step` on the same batch
     up to rounding. ``measure(logits, piece)`` (default: loss and accuracy) gives the ``Measured`` values of a
     slice of at most ``logits_slice`` positions of a chunk (None: the most with rows·slice·vocab ≤
     ``LOGITS_SLICE_ELEMENTS`` on each device), logged with ``modes``. Values and counts must be sums over
@@ -70,9 +71,9 @@ def make_recurrent_eval_step(
     measure_fn = functools.partial(lm_measure, z_loss=config.z_loss) if measure is None else measure
     zero_state = _zero_state_maker(static, mesh, state_spec)
     prepare, take_chunk = _chunker(mesh, chunk_size)
+    check_tokens = make_token_check(static, mesh)
 
     def local_chunk(params, model_state, chunk, resets, specs):
-        chunk = validate_tokens(chunk, static, rows_axes)
         model = eqx.combine(gather_fsdp(params, specs), static)
         features, model_state, _ = model.features_batch(
             chunk.inputs, model_state, reset=resets, tp_axis=tp_axis, check_token_ids=False
@@ -94,7 +95,7 @@ def make_recurrent_eval_step(
     def recurrent_eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
         check_batch(batch, mesh)
         rows, length = batch.inputs.shape
-        batch, resets = prepare(batch)
+        batch, resets = prepare(check_tokens(batch))
         model_state, summed = zero_state(rows), None
         for i in range(math.ceil(length / chunk_size)):
             # a host scalar: a device array on this process's default device would need a cross-process transfer

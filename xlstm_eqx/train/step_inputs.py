@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -12,7 +13,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ..data.batch import Batch
-from ..parallel import FSDP_AXIS, TP_AXIS, batch_parallel_size, batch_spec
+from ..parallel import FSDP_AXIS, TP_AXIS, batch_axes, batch_parallel_size, batch_spec, one_at_a_time
 
 
 def gather_fsdp(params: Any, specs: Any) -> Any:
@@ -47,23 +48,39 @@ def check_batch(batch: Batch, mesh: Mesh, micro_batches: int = 1) -> None:
         )
 
 
-def validate_tokens(batch: Batch, static: Any, rows_axes: tuple[str, ...]) -> Batch:
-    """Inside ``shard_map``: token ids outside [0, vocab) raise at run time, naming the fields: every input,
+def make_token_check(static: Any, mesh: Mesh, *, jit: bool = True) -> Callable[[Batch], Batch]:
+    """``check(batch) -> batch``: token ids outside [0, vocab) raise at run time, naming the fields: every input,
     and the targets where ``loss_mask`` is set (an unscored target may be anything, e.g. an ignore index of -100).
 
-    The local count is summed over ``rows_axes`` before the check, so every device raises together. (A check on
-    the global batch outside ``shard_map`` runs its callback on one device, and the others then wait for it in
-    the next collective until XLA aborts the process.)"""
+    A program of its own, run before a step on the batch the step then takes: the check needs a host callback
+    (``eqx.error_if``), and JAX's persistent compilation cache refuses every program that holds one, so the
+    steps stay cacheable only without it. The error still surfaces where the step's outputs are read, since XLA
+    passes an input's error on to every output computed from it. Inside, the count of bad ids is summed over
+    the batch axes before the check, so every device raises together. (A check of the global batch without
+    ``shard_map`` runs its callback on one device, and the others then wait for it in the next collective until
+    XLA aborts the process.) ``jit=False`` (debug mode) checks eagerly; without a ``vocab_size`` the check is
+    the identity."""
     vocab = getattr(getattr(static, "config", None), "vocab_size", None)
     if vocab is None:
-        return batch
-    bad = lambda ids: (ids < 0) | (ids >= vocab)  # noqa: E731
-    outside = jnp.sum((bad(batch.inputs) | (bad(batch.targets) & batch.loss_mask.astype(bool))).astype(jnp.int32))
-    if rows_axes:
-        outside = lax.psum(outside, rows_axes)
+        return lambda batch: batch
+    rows_axes = batch_axes(mesh)
     message = f"token id outside [0, vocab_size={vocab}) in batch.inputs, or in batch.targets where loss_mask is set"
-    zero = eqx.error_if(jnp.zeros((), jnp.int32), outside > 0, message)
-    return eqx.tree_at(lambda b: b.inputs, batch, batch.inputs + zero)  # the dependency keeps the check alive
+
+    def local_check(batch: Batch) -> jax.Array:
+        bad = lambda ids: (ids < 0) | (ids >= vocab)  # noqa: E731
+        scored = batch.loss_mask.astype(bool)
+        outside = jnp.sum((bad(batch.inputs) | (bad(batch.targets) & scored)).astype(jnp.int32))
+        if rows_axes:
+            outside = lax.psum(outside, rows_axes)
+        zero = eqx.error_if(jnp.zeros((), batch.inputs.dtype), outside > 0, message)
+        return batch.inputs + zero  # the step's use of this output is what keeps the check alive
+
+    def check_tokens(batch: Batch) -> Batch:
+        specs = batch_specs(batch, mesh)
+        inputs = jax.shard_map(local_check, mesh=mesh, in_specs=(specs,), out_specs=specs.inputs)(batch)
+        return eqx.tree_at(lambda b: b.inputs, batch, inputs)
+
+    return one_at_a_time(jax.jit(check_tokens), mesh) if jit else check_tokens
 
 
 def batch_specs(batch: Batch, mesh: Mesh) -> Any:

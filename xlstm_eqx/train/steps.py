@@ -35,7 +35,7 @@ from .metrics import (
     reduce_measured,
 )
 from .state import TrainState
-from .step_inputs import batch_specs, check_batch, gather_fsdp, tp_axis_of, validate_tokens
+from .step_inputs import batch_specs, check_batch, gather_fsdp, make_token_check, tp_axis_of
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, Measured]]]
 
@@ -71,6 +71,9 @@ def make_train_step(
     measure ``loss`` when ``check_for_nan`` is on. Metrics are logged with ``default_train_log_modes``
     (``intermediates_log_modes`` for the model's diagnostics) except where ``modes`` names a metric's own
     (e.g. ``{"loss": ("mean", "max")}``).
+
+    Token ids outside the vocabulary raise (see :func:`~.step_inputs.make_token_check`, a program run before
+    the update); ``train_step.lower(state, batch)`` lowers the jitted update itself (without ``debug``).
     """
     micro_batches = config.gradient_accumulate_steps
     own_modes = dict(LogModes(modes).per_metric)  # checked here, at build time
@@ -81,7 +84,6 @@ def make_train_step(
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
 
     def local_grads(params, batch, key, specs):
-        batch = validate_tokens(batch, static, rows_axes)
         total = lax.psum(jnp.sum(batch.loss_mask.astype(jnp.float32)), rows_axes)
         denominator = jnp.maximum(total, 1.0)
         device_key = jax.random.fold_in(key, lax.axis_index(rows_axes))
@@ -157,9 +159,20 @@ def make_train_step(
         metrics = accumulate(measured, {**step_modes(measured), **fixed_modes})
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
-    if config.debug:
-        return train_step
-    return one_at_a_time(jax.jit(train_step, donate_argnums=(0,) if config.donate_train_state else ()), mesh)
+    check_tokens = make_token_check(static, mesh, jit=not config.debug)
+    program = (
+        train_step
+        if config.debug
+        else one_at_a_time(jax.jit(train_step, donate_argnums=(0,) if config.donate_train_state else ()), mesh)
+    )
+
+    def checked_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
+        check_batch(batch, mesh, micro_batches)
+        return program(state, check_tokens(batch))
+
+    if not config.debug:
+        checked_train_step.lower = program.lower
+    return checked_train_step
 
 
 def _train_modes(measured: dict, config: TrainConfig) -> dict[str, tuple[str, ...]]:
@@ -189,13 +202,13 @@ def make_eval_step(
     :func:`~.loss.lm_eval_loss`, measures what :func:`~.loss.lm_loss` does with the head run on slices of
     positions, so evaluation memory does not grow with rows × time × vocab.
 
-    ``eval_step.batch_step(params, batch) -> metrics`` is the jitted program of one batch (e.g. for ``.lower``);
+    ``eval_step.batch_step(params, batch) -> metrics`` is the jitted program of one batch (e.g. for ``.lower``),
+    without the token-id check that ``eval_step`` runs first;
     ``eval_step`` folds its result into ``metrics`` with the jitted :func:`~.metrics.merge_metrics`."""
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     eval_modes = as_eval_log_modes(modes)
 
     def local_eval(params, batch, specs):
-        batch = validate_tokens(batch, static, rows_axes)
         model = eqx.combine(gather_fsdp(params, specs), static)
         key = jax.random.fold_in(jax.random.key(config.seed_eval), lax.axis_index(rows_axes))
         _, measured = loss_fn(model, batch, key, z_loss=config.z_loss, tp_axis=tp_axis)
@@ -215,9 +228,11 @@ def make_eval_step(
     # One program per batch shape: it sees neither the running metrics (absent on a set's first batch) nor the
     # optimizer state (absent in a restored test state), so neither recompiles it; the fold is a small program.
     batch_step = batch_metrics if config.debug else one_at_a_time(jax.jit(batch_metrics), mesh)
+    check_tokens = make_token_check(static, mesh, jit=not config.debug)
 
     def eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
-        new = batch_step(state.params, batch)
+        check_batch(batch, mesh)
+        new = batch_step(state.params, check_tokens(batch))
         return new if metrics is None else merge_metrics(metrics, new)
 
     eval_step.batch_step = batch_step
