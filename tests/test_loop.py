@@ -243,6 +243,18 @@ def test_dict_of_validation_sets_prefixes_each_sets_metrics(tiny):
     assert "loss" not in metrics
 
 
+def test_validation_and_test_passes_show_bars_of_their_own_when_the_progress_bar_is_on(tiny, capsys):
+    state, train_step, eval_step, *_ = tiny
+    sets = {"plays": eval_set(2, seed=7), "sonnets": lambda: iter(eval_set(1, seed=8))}
+    for shown in (True, False):
+        config = LoopConfig(num_train_steps=2, check_val_every_n_epoch=1, enable_progress_bar=shown)
+        state = fit(state, train_step, eval_step, Stream(), config=config, val_data=sets, test_data=eval_set(1)).state
+        bars = capsys.readouterr().err
+        labels = ("Training", "validation plays", "validation sonnets", "test")
+        assert [label in bars for label in labels] == [shown] * 4, bars
+        assert ("/2" in bars.partition("validation plays")[2]) == shown  # a list's length is the bar's total
+
+
 def test_evaluation_compiles_one_program_for_first_and_later_batches_and_any_optimizer_state(tiny):
     state, _, _, _, static, _ = tiny
     eval_step = make_eval_step(static, make_mesh(MeshConfig(data=1), jax.devices()[:1]))

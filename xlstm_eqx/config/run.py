@@ -77,7 +77,7 @@ class LoopConfig:
     ``steps_per_epoch`` steps of the endless (per-epoch reshuffled) training stream; None = one pass over the
     training data, counted once before training. Validation after every ``check_val_every_n_epoch``-th epoch
     and/or every ``check_val_every_n_steps`` steps (≤ 0 disables either). The progress bar shows loss, tokens/s
-    and ETA.
+    and ETA; with it, each validation and test pass shows a transient bar of its own (on process 0 only).
     """
 
     num_epochs: int | None = None

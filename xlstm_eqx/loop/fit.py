@@ -155,6 +155,7 @@ def fit(
     info = logger.info if logger is not None else (lambda *args: None)
     results: dict[str, dict[str, Any]] = {}
     timer, epoch_start = StepTimer(), time.perf_counter()
+    show_bars = config.enable_progress_bar and process_index == 0  # training, validation and test bars
 
     def emit(kind, metrics=None, *, mode="train", at_state=None, epoch=None, **fields) -> Stop | None:
         epoch = epoch if epoch is not None else max(step - 1, 0) // per_epoch + 1
@@ -181,7 +182,7 @@ def fit(
 
     def validate(trigger: str) -> tuple[dict[str, Any], Stop | None]:
         stop = emit("val_start", mode="val", trigger=trigger)
-        metrics = evaluate(eval_step, state, val_data)
+        metrics = evaluate(eval_step, state, val_data, progress_bar=show_bars, desc="validation")
         info("validation at step %d: %s", step, _describe(metrics, ("loss", "accuracy", "perplexity")))
         stop = emit("val_end", metrics, mode="val", trigger=trigger) or stop
         timer.reset(step)  # evaluation time never counts as step time
@@ -204,7 +205,7 @@ def fit(
         desc="Training",
         leave=False,
         dynamic_ncols=True,
-        disable=not config.enable_progress_bar or process_index != 0,
+        disable=not show_bars,
     )
     running, first, last_val, tick = None, True, -1, time.perf_counter()
     while stop is None and step < total:
@@ -260,7 +261,10 @@ def fit(
     if test_data is not None and status == "success":
         test_state, source = restore_best(state) if restore_best is not None else (state, step)
         emit("test_start", mode="test", at_state=test_state)
-        metrics = {**evaluate(eval_step, test_state, test_data), "checkpoint_step": source}
+        metrics = {
+            **evaluate(eval_step, test_state, test_data, progress_bar=show_bars, desc="test"),
+            "checkpoint_step": source,
+        }
         info("test of step %d: %s", source, _describe(metrics, ("loss", "accuracy", "perplexity")))
         emit("test_end", metrics, mode="test", at_state=test_state)
         results["test"] = metrics

@@ -53,12 +53,13 @@ def make_recurrent_eval_step(
 
     Not jitted itself (a Python loop over chunks); each chunk runs one jitted ``shard_map`` step that takes and
     returns the model's recurrent state, donated between chunks; token ids are checked once per batch, before the
-    chunks. Equals :func:`make_eval_step` on the same batch up to rounding. ``measure(logits, piece)`` (default: loss and accuracy) gives the ``Measured`` values of a
-    slice of at most ``logits_slice`` positions of a chunk (None: the most with rows·slice·vocab ≤
-    ``LOGITS_SLICE_ELEMENTS`` on each device), logged with ``modes``. Values and counts must be sums over
-    positions: they are added across a chunk's slices and across a row's chunks, so every mode (``max``,
-    ``std``, per-example ones) treats the batch as one step, as :func:`make_eval_step` does. The jitted
-    per-chunk step is the returned function's ``chunk_step`` attribute, for inspection.
+    chunks. Equals :func:`make_eval_step` on the same batch up to rounding. ``measure(logits, piece)`` (default:
+    loss and accuracy) gives the ``Measured`` values of a slice of at most ``logits_slice`` positions of a chunk
+    (None: the most with rows·slice·vocab ≤ ``LOGITS_SLICE_ELEMENTS`` on each device), logged with ``modes``.
+    Values and counts must be sums over positions: they are added across a chunk's slices and across a row's
+    chunks, so every mode (``max``, ``std``, per-example ones) treats the batch as one step, as
+    :func:`make_eval_step` does. The jitted per-chunk step is the returned function's ``chunk_step`` attribute,
+    for inspection.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
