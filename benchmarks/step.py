@@ -17,11 +17,12 @@ What is measured
 How
     State from ``xe.train.init`` (model built under jit with output shardings); one batch ``Batch.from_tokens`` of
     uniform random int32 tokens (batch, T+1), placed once with the mesh's batch sharding outside the timed region.
-    ``trace_s`` = ``train_step.lower(state, batch)``, ``compile_s`` = ``.compile()`` of it. Then the ``jit`` wrapper
-    itself is called: one untimed warm-up step (``first_call_s``, ``compiles_first_call``), then ``--steps`` (≥5)
-    steps timed one by one with ``jax.block_until_ready`` (median reported), each passing the returned (donated)
-    state back in; ``compiles_during_timing`` counts XLA compilations in the timed steps and must be 0 (a state
-    whose returned shardings differed from its input shardings would show up here). FLOPs/token and MFU use
+    ``trace_s`` = ``train_step.lower(state, batch)``, ``compile_s`` = ``.compile()`` of it (the update; the step's
+    token-id check is a small program of its own). Then the step itself is called (check, then update): one
+    untimed warm-up step (``first_call_s``, ``compiles_first_call``), then ``--steps`` (≥5) steps timed one by
+    one with ``jax.block_until_ready`` (median reported), each passing the returned (donated) state back in;
+    ``compiles_during_timing`` counts XLA compilations in the timed steps and must be 0 (a state whose returned
+    shardings differed from its input shardings would show up here). FLOPs/token and MFU use
     ``flops_per_token`` from benchmarks/model.py; MFU is against the parent's measured float32 ``jit(jnp.dot)``
     2048² roofline (its own ``matmul_roofline`` line). Each (config, mesh) runs in a fresh subprocess, so
     ``peak_rss_mb`` is that run's own. Loss (≈ ln V at init) is reported as a sanity check.

@@ -244,11 +244,13 @@ def test_dict_of_validation_sets_prefixes_each_sets_metrics(tiny):
 
 
 def test_validation_and_test_passes_show_bars_of_their_own_when_the_progress_bar_is_on(tiny, capsys):
-    state, train_step, eval_step, *_ = tiny
+    start, train_step, eval_step, *_ = tiny
     sets = {"plays": eval_set(2, seed=7), "sonnets": lambda: iter(eval_set(1, seed=8))}
     for shown in (True, False):
         config = LoopConfig(num_train_steps=2, check_val_every_n_epoch=1, enable_progress_bar=shown)
-        state = fit(state, train_step, eval_step, Stream(), config=config, val_data=sets, test_data=eval_set(1)).state
+        state = jax.tree.map(jnp.copy, start)  # fit donates it; each run trains, validates and tests
+        result = fit(state, train_step, eval_step, Stream(), config=config, val_data=sets, test_data=eval_set(1))
+        assert sorted(result.results) == ["test", "val_epoch_1"]
         bars = capsys.readouterr().err
         labels = ("Training", "validation plays", "validation sonnets", "test")
         assert [label in bars for label in labels] == [shown] * 4, bars

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -35,7 +35,7 @@ def evaluate(
     out: dict[str, Any] = {}
     for name, one in named:
         metrics = None
-        total = len(one) if hasattr(one, "__len__") else None
+        total = len(one) if progress_bar and isinstance(one, Sized) else None
         label = f"{desc} {name}".strip()
         for batch in tqdm(fresh_pass(one), desc=label, total=total, leave=False, disable=not progress_bar):
             metrics = eval_step(state, batch.batch if isinstance(batch, IndexedBatch) else batch, metrics)

@@ -58,8 +58,8 @@ def make_recurrent_eval_step(
     (None: the most with rows·slice·vocab ≤ ``LOGITS_SLICE_ELEMENTS`` on each device), logged with ``modes``.
     Values and counts must be sums over positions: they are added across a chunk's slices and across a row's
     chunks, so every mode (``max``, ``std``, per-example ones) treats the batch as one step, as
-    :func:`make_eval_step` does. The jitted per-chunk step is the returned function's ``chunk_step`` attribute,
-    for inspection.
+    :func:`make_eval_step` does. The jitted per-chunk step, without the token check, is the returned function's
+    ``chunk_step`` attribute, for inspection.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")

@@ -54,12 +54,13 @@ def make_token_check(static: Any, mesh: Mesh, *, jit: bool = True) -> Callable[[
 
     A program of its own, run before a step on the batch the step then takes: the check needs a host callback
     (``eqx.error_if``), and JAX's persistent compilation cache refuses every program that holds one, so the
-    steps stay cacheable only without it. The error still surfaces where the step's outputs are read, since XLA
-    passes an input's error on to every output computed from it. Inside, the count of bad ids is summed over
-    the batch axes before the check, so every device raises together. (A check of the global batch without
-    ``shard_map`` runs its callback on one device, and the others then wait for it in the next collective until
-    XLA aborts the process.) ``jit=False`` (debug mode) checks eagerly; without a ``vocab_size`` the check is
-    the identity."""
+    steps stay cacheable only without it. The error is raised by the check's call, or, where that runs
+    asynchronously, by the step that takes the checked ``inputs``: a program given an input that failed fails
+    as a whole (the step must use ``batch.inputs``, or jit drops the argument). Inside, the count of bad ids is
+    summed over the batch axes before the check, so every device raises together. (A check of the global batch
+    without ``shard_map`` runs its callback on one device, and the others then wait for it in the next collective
+    until XLA aborts the process.) ``jit=False`` (debug mode) checks eagerly; without a ``vocab_size`` the check
+    is the identity."""
     vocab = getattr(getattr(static, "config", None), "vocab_size", None)
     if vocab is None:
         return lambda batch: batch

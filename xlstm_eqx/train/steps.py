@@ -73,7 +73,8 @@ def make_train_step(
     (e.g. ``{"loss": ("mean", "max")}``).
 
     Token ids outside the vocabulary raise (see :func:`~.step_inputs.make_token_check`, a program run before
-    the update); ``train_step.lower(state, batch)`` lowers the jitted update itself (without ``debug``).
+    the update). ``train_step.lower(state, batch)`` lowers the jitted update, which skips that check (absent with
+    ``debug``, where nothing is jitted).
     """
     micro_batches = config.gradient_accumulate_steps
     own_modes = dict(LogModes(modes).per_metric)  # checked here, at build time

@@ -1,0 +1,36 @@
+"""The steps' inputs: the token-id check runs as a program of its own, so the step programs stay cacheable."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from test_train_step import make_batch, perturbed_model
+
+from xlstm_eqx.config.mesh import MeshConfig
+from xlstm_eqx.config.train import TrainConfig
+from xlstm_eqx.data.batch import document_starts
+from xlstm_eqx.parallel import make_mesh
+from xlstm_eqx.train.recurrent_eval import make_recurrent_eval_step
+from xlstm_eqx.train.state import init
+from xlstm_eqx.train.step_inputs import make_token_check
+from xlstm_eqx.train.steps import make_eval_step, make_train_step
+
+
+def test_the_step_programs_hold_no_host_callback_so_the_persistent_cache_can_keep_them():
+    """JAX's persistent compilation cache refuses programs with host callbacks; the token check (one) runs as
+    its own program before each step."""
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    batch = make_batch(jax.random.key(3))
+    model_state = jax.tree.map(lambda a: jnp.stack([a] * batch.inputs.shape[0]), static.init_state())
+    resets = document_starts(batch.segment_ids)
+    programs = {
+        "token check": jax.jit(make_token_check(static, mesh, jit=False)).lower(batch),
+        "train": make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False)).lower(state, batch),
+        "eval": make_eval_step(static, mesh).batch_step.lower(state.params, batch),
+        "recurrent": make_recurrent_eval_step(static, mesh, chunk_size=8).chunk_step.lower(
+            state.params, model_state, batch, resets
+        ),
+    }
+    holds_callback = {name: "callback" in lowered.as_text() for name, lowered in programs.items()}
+    assert holds_callback == {"token check": True, "train": False, "eval": False, "recurrent": False}
