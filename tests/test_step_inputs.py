@@ -11,7 +11,7 @@ from xlstm_eqx.data.batch import document_starts
 from xlstm_eqx.parallel import make_mesh
 from xlstm_eqx.train.recurrent_eval import make_recurrent_eval_step
 from xlstm_eqx.train.state import init
-from xlstm_eqx.train.step_inputs import make_token_check
+from xlstm_eqx.train.step_inputs import make_batch_check
 from xlstm_eqx.train.steps import make_eval_step, make_train_step
 
 
@@ -25,7 +25,7 @@ def test_the_step_programs_hold_no_host_callback_so_the_persistent_cache_can_kee
     model_state = jax.tree.map(lambda a: jnp.stack([a] * batch.inputs.shape[0]), static.init_state())
     resets = document_starts(batch.segment_ids)
     programs = {
-        "token check": jax.jit(make_token_check(static, mesh, jit=False)).lower(batch),
+        "token check": jax.jit(make_batch_check(static, mesh, jit=False)).lower(batch),
         "train": make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False)).lower(state, batch),
         "eval": make_eval_step(static, mesh).batch_step.lower(state.params, batch),
         "recurrent": make_recurrent_eval_step(static, mesh, chunk_size=8).chunk_step.lower(

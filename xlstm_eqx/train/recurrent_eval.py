@@ -29,7 +29,7 @@ from ..parallel import TP_AXIS, batch_axes, batch_spec, one_at_a_time, parameter
 from .loss import ChunkMeasure, lm_measure, measure_in_slices
 from .metrics import ModesSpec, accumulate, as_eval_log_modes, merge_metrics, reduce_measured
 from .state import TrainState
-from .step_inputs import batch_specs, check_batch, gather_fsdp, make_token_check, tp_axis_of
+from .step_inputs import batch_specs, gather_fsdp, make_batch_check, tp_axis_of
 
 
 def _state_spec(mesh: Mesh) -> Any:
@@ -71,7 +71,7 @@ def make_recurrent_eval_step(
     measure_fn = functools.partial(lm_measure, z_loss=config.z_loss) if measure is None else measure
     zero_state = _zero_state_maker(static, mesh, state_spec)
     prepare, take_chunk = _chunker(mesh, chunk_size)
-    check_tokens = make_token_check(static, mesh)
+    check = make_batch_check(static, mesh)
 
     def local_chunk(params, model_state, chunk, resets, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
@@ -93,9 +93,9 @@ def make_recurrent_eval_step(
         )(params, model_state, chunk, resets)
 
     def recurrent_eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
-        check_batch(batch, mesh)
+        batch = check(batch)
         rows, length = batch.inputs.shape
-        batch, resets = prepare(check_tokens(batch))
+        batch, resets = prepare(batch)
         model_state, summed = zero_state(rows), None
         for i in range(math.ceil(length / chunk_size)):
             # a host scalar: a device array on this process's default device would need a cross-process transfer

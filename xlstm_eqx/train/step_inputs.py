@@ -48,22 +48,22 @@ def check_batch(batch: Batch, mesh: Mesh, micro_batches: int = 1) -> None:
         )
 
 
-def make_token_check(static: Any, mesh: Mesh, *, jit: bool = True) -> Callable[[Batch], Batch]:
-    """``check(batch) -> batch``: token ids outside [0, vocab) raise at run time, naming the fields: every input,
-    and the targets where ``loss_mask`` is set (an unscored target may be anything, e.g. an ignore index of -100).
+def make_batch_check(static: Any, mesh: Mesh, micro_batches: int = 1, *, jit: bool = True) -> Callable[[Batch], Batch]:
+    """``check(batch) -> batch``, what every step runs on its batch first: :func:`check_batch`'s errors (kind,
+    shapes, integer ids, rows splitting over the mesh and ``micro_batches``) at once on the host; then token ids
+    outside [0, vocab) raise at run time, naming the fields: every input, and the targets where ``loss_mask`` is
+    set (an unscored target may be anything, e.g. an ignore index of -100).
 
-    A program of its own, run before a step on the batch the step then takes: the check needs a host callback
-    (``eqx.error_if``), and JAX's persistent compilation cache refuses every program that holds one, so the
-    steps stay cacheable only without it. The error is raised by the check's call, or, where that runs
+    The token check is a program of its own, run before a step on the batch the step then takes: it needs a host
+    callback (``eqx.error_if``), and JAX's persistent compilation cache refuses every program that holds one, so
+    the steps stay cacheable only without it. The error is raised by the check's call, or, where that runs
     asynchronously, by the step that takes the checked ``inputs``: a program given an input that failed fails
     as a whole (the step must use ``batch.inputs``, or jit drops the argument). Inside, the count of bad ids is
     summed over the batch axes before the check, so every device raises together. (A check of the global batch
     without ``shard_map`` runs its callback on one device, and the others then wait for it in the next collective
-    until XLA aborts the process.) ``jit=False`` (debug mode) checks eagerly; without a ``vocab_size`` the check
-    is the identity."""
+    until XLA aborts the process.) ``jit=False`` (debug mode) checks eagerly; without a ``vocab_size`` only the
+    host checks run."""
     vocab = getattr(getattr(static, "config", None), "vocab_size", None)
-    if vocab is None:
-        return lambda batch: batch
     rows_axes = batch_axes(mesh)
     message = f"token id outside [0, vocab_size={vocab}) in batch.inputs, or in batch.targets where loss_mask is set"
 
@@ -81,7 +81,13 @@ def make_token_check(static: Any, mesh: Mesh, *, jit: bool = True) -> Callable[[
         inputs = jax.shard_map(local_check, mesh=mesh, in_specs=(specs,), out_specs=specs.inputs)(batch)
         return eqx.tree_at(lambda b: b.inputs, batch, inputs)
 
-    return one_at_a_time(jax.jit(check_tokens), mesh) if jit else check_tokens
+    tokens_checked = one_at_a_time(jax.jit(check_tokens), mesh) if jit else check_tokens
+
+    def check(batch: Batch) -> Batch:
+        check_batch(batch, mesh, micro_batches)
+        return batch if vocab is None else tokens_checked(batch)
+
+    return check
 
 
 def batch_specs(batch: Batch, mesh: Mesh) -> Any:

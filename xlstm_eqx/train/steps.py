@@ -35,7 +35,7 @@ from .metrics import (
     reduce_measured,
 )
 from .state import TrainState
-from .step_inputs import batch_specs, check_batch, gather_fsdp, make_token_check, tp_axis_of
+from .step_inputs import batch_specs, gather_fsdp, make_batch_check, tp_axis_of
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, Measured]]]
 
@@ -72,7 +72,7 @@ def make_train_step(
     (``intermediates_log_modes`` for the model's diagnostics) except where ``modes`` names a metric's own
     (e.g. ``{"loss": ("mean", "max")}``).
 
-    Token ids outside the vocabulary raise (see :func:`~.step_inputs.make_token_check`, a program run before
+    Token ids outside the vocabulary raise (see :func:`~.step_inputs.make_batch_check`, a program run before
     the update). ``train_step.lower(state, batch)`` lowers the jitted update, which skips that check (absent with
     ``debug``, where nothing is jitted).
     """
@@ -123,7 +123,6 @@ def make_train_step(
         return grads, reduce_measured(measured, step_modes(measured), rows_axes)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
-        check_batch(batch, mesh, micro_batches)
         specs = parameter_specs(state.params, mesh, fsdp_min_weight_size)
         grads_fn = jax.shard_map(
             functools.partial(local_grads, specs=specs),
@@ -160,7 +159,7 @@ def make_train_step(
         metrics = accumulate(measured, {**step_modes(measured), **fixed_modes})
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
-    check_tokens = make_token_check(static, mesh, jit=not config.debug)
+    check = make_batch_check(static, mesh, micro_batches, jit=not config.debug)
     program = (
         train_step
         if config.debug
@@ -168,8 +167,7 @@ def make_train_step(
     )
 
     def checked_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
-        check_batch(batch, mesh, micro_batches)
-        return program(state, check_tokens(batch))
+        return program(state, check(batch))
 
     if not config.debug:
         checked_train_step.lower = program.lower
@@ -204,7 +202,7 @@ def make_eval_step(
     positions, so evaluation memory does not grow with rows × time × vocab.
 
     ``eval_step.batch_step(params, batch) -> metrics`` is the jitted program of one batch (e.g. for ``.lower``),
-    without the token-id check that ``eval_step`` runs first;
+    without the batch check that ``eval_step`` runs first;
     ``eval_step`` folds its result into ``metrics`` with the jitted :func:`~.metrics.merge_metrics`."""
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     eval_modes = as_eval_log_modes(modes)
@@ -216,7 +214,6 @@ def make_eval_step(
         return reduce_measured(measured, eval_modes, rows_axes)
 
     def batch_metrics(params: Any, batch: Batch) -> Any:
-        check_batch(batch, mesh)
         specs = parameter_specs(params, mesh, fsdp_min_weight_size)
         measured = jax.shard_map(
             functools.partial(local_eval, specs=specs),
@@ -229,11 +226,10 @@ def make_eval_step(
     # One program per batch shape: it sees neither the running metrics (absent on a set's first batch) nor the
     # optimizer state (absent in a restored test state), so neither recompiles it; the fold is a small program.
     batch_step = batch_metrics if config.debug else one_at_a_time(jax.jit(batch_metrics), mesh)
-    check_tokens = make_token_check(static, mesh, jit=not config.debug)
+    check = make_batch_check(static, mesh, jit=not config.debug)
 
     def eval_step(state: TrainState, batch: Batch, metrics: Any = None) -> Any:
-        check_batch(batch, mesh)
-        new = batch_step(state.params, check_tokens(batch))
+        new = batch_step(state.params, check(batch))
         return new if metrics is None else merge_metrics(metrics, new)
 
     eval_step.batch_step = batch_step
