@@ -69,6 +69,21 @@ def test_kernels_agree_in_the_model(model, tokens, kernel):
     assert scale_error(logits, reference) <= 1e-5
 
 
+def policy_loss(tokens):
+    """The loss whose value and gradients the execution policies must not change."""
+    return eqx.filter_jit(eqx.filter_value_and_grad(lambda m: jnp.mean(m(tokens)[0] ** 2)))  # op by op is slower
+
+
+@pytest.fixture(scope="module")
+def float64_reference():
+    """(model, tokens, loss, gradients) of a two-block float64 model under the default policy, computed once."""
+    with jax.enable_x64(True):
+        config = ModelConfig(**{**TINY.__dict__, "num_blocks": 2, "param_dtype": "float64", "compute_dtype": "float64"})
+        model = perturbed(build(config, key=jax.random.key(0)), jax.random.key(1))
+        tokens = jax.random.randint(jax.random.key(2), (21,), 0, TINY.vocab_size)  # 2 chunks of 8 + a remainder
+        return (model, tokens, *policy_loss(tokens)(model))
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -78,19 +93,10 @@ def test_kernels_agree_in_the_model(model, tokens, kernel):
         {"kernel": "parallel", "chunk_size": 5},
     ],
 )
-def test_execution_policies_do_not_change_results(x64, change):
+def test_execution_policies_do_not_change_results(x64, float64_reference, change):
     """Checked in float64: in float32 these gradients carry only ~5 digits (both paths ~1e-5 from float64)."""
-    config = ModelConfig(**{**TINY.__dict__, "num_blocks": 2, "param_dtype": "float64", "compute_dtype": "float64"})
-    model = perturbed(build(config, key=jax.random.key(0)), jax.random.key(1))
-    other = model.with_policy(**change)
-    tokens = jax.random.randint(jax.random.key(2), (21,), 0, TINY.vocab_size)  # 2 chunks of 8 + a remainder
-
-    def loss(m):
-        return jnp.mean(m(tokens)[0] ** 2)
-
-    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))  # one compile each: op-by-op is slower
-    value, grads = value_and_grad(model)
-    other_value, other_grads = value_and_grad(other)
+    model, tokens, value, grads = float64_reference
+    other_value, other_grads = policy_loss(tokens)(model.with_policy(**change))
     assert abs(float(value - other_value)) <= 1e-10 * abs(float(value))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
         assert scale_error(a, b) <= 1e-10

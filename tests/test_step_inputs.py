@@ -1,4 +1,7 @@
-"""The steps' inputs: the token-id check runs as a program of its own, so the step programs stay cacheable."""
+"""The steps' inputs: the token-id check runs as a program of its own, so the step programs stay cacheable,
+and all steps on one mesh share it."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,3 +37,24 @@ def test_the_step_programs_hold_no_host_callback_so_the_persistent_cache_can_kee
     }
     holds_callback = {name: "callback" in lowered.as_text() for name, lowered in programs.items()}
     assert holds_callback == {"token check": True, "train": False, "eval": False, "recurrent": False}
+
+
+def test_steps_on_one_mesh_share_one_compiled_token_check(caplog):
+    """Every step made on a mesh reuses the token check compiled for the first: a job's train, validation and
+    test steps (and a sweep's many) compile it once per batch shape, not once per step function."""
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    batch = make_batch(jax.random.key(3))
+    make_eval_step(static, mesh)(state, batch)  # compiles the check for this batch shape
+    compiled = []
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        for step in (
+            make_eval_step(static, mesh),
+            make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False)),
+        ):
+            caplog.clear()
+            step(state, batch)
+            compiled.append({name for r in caplog.records for name in re.findall(r"jit\((\w+)\)", r.getMessage())})
+    # each new step function compiles its own program (the log is read), never the check again
+    assert compiled == [{"batch_metrics"}, {"train_step"}], compiled

@@ -52,8 +52,9 @@ def perturbed_model(key, scale=0.05, model_config=MODEL):
     return jax.tree.unflatten(treedef, noisy)
 
 
-def run(mesh_shape, config=TrainConfig(), steps=3, tx=None, batches=None, model_config=MODEL):
-    """Returns (final params as numpy, host train metrics per step, eval metrics) on a mesh of that shape."""
+def run(mesh_shape, config=TrainConfig(), steps=3, tx=None, batches=None, model_config=MODEL, evaluate=False):
+    """Returns (final params as numpy, host train metrics per step, eval metrics or None) on a mesh of that
+    shape; the eval step runs (and compiles) only with ``evaluate``."""
     data, fsdp, model = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, model=model), jax.devices()[: data * fsdp * model])
     tx = tx or optax.adamw(1e-2, b2=0.95, weight_decay=0.1)
@@ -65,13 +66,15 @@ def run(mesh_shape, config=TrainConfig(), steps=3, tx=None, batches=None, model_
         fsdp_min_weight_size=0,
     )
     train_step = make_train_step(static, tx, mesh, config, fsdp_min_weight_size=0)
-    eval_step = make_eval_step(static, mesh, config, fsdp_min_weight_size=0)
     batches = batches or [make_batch(jax.random.key(10 + i)) for i in range(steps)]
     history = []
     for batch in batches:
         state, metrics = train_step(state, batch)
         history.append(to_host(metrics))
-    evaluation = to_host(eval_step(state, make_batch(jax.random.key(99)), None))
+    evaluation = None
+    if evaluate:
+        eval_step = make_eval_step(static, mesh, config, fsdp_min_weight_size=0)
+        evaluation = to_host(eval_step(state, make_batch(jax.random.key(99)), None))
     return jax.tree.map(np.asarray, state.params), history, evaluation
 
 
@@ -81,7 +84,7 @@ def relative(a, b):
 
 @pytest.fixture(scope="module")
 def single_device():
-    return run((1, 1, 1), tx=SGD_MOMENTUM)
+    return run((1, 1, 1), tx=SGD_MOMENTUM, evaluate=True)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ SGD_MOMENTUM = optax.sgd(0.1, momentum=0.9)
 
 @pytest.mark.parametrize("mesh_shape", MESHES)
 def test_sharded_equals_single_device(single_device, mesh_shape):
-    params, history, evaluation = run(mesh_shape, tx=SGD_MOMENTUM)
+    params, history, evaluation = run(mesh_shape, tx=SGD_MOMENTUM, evaluate=True)
     ref_params, ref_history, ref_evaluation = single_device
     for step, ref_step in zip(history, ref_history):
         for name in ("loss_mean", "accuracy_mean", "grad_norm_mean", "param_norm"):
@@ -178,8 +181,8 @@ def test_accumulation_equals_one_big_batch():
 @pytest.mark.slow  # op-by-op on two devices: ~50 s
 def test_debug_mode_gives_the_same_numbers():
     """Without jit (op by op, debuggable) the step computes the same numbers as the compiled one."""
-    params, history, evaluation = run((2, 1, 1), TrainConfig(debug=True), tx=SGD_MOMENTUM, steps=1)
-    ref_params, ref_history, ref_evaluation = run((2, 1, 1), tx=SGD_MOMENTUM, steps=1)
+    params, history, evaluation = run((2, 1, 1), TrainConfig(debug=True), tx=SGD_MOMENTUM, steps=1, evaluate=True)
+    ref_params, ref_history, ref_evaluation = run((2, 1, 1), tx=SGD_MOMENTUM, steps=1, evaluate=True)
     assert history[0]["loss_mean"] == pytest.approx(ref_history[0]["loss_mean"], rel=1e-6)
     assert evaluation["loss"] == pytest.approx(ref_evaluation["loss"], rel=1e-6)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):

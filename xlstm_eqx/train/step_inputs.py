@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,22 @@ def make_batch_check(static: Any, mesh: Mesh, micro_batches: int = 1, *, jit: bo
     until XLA aborts the process.) ``jit=False`` (debug mode) checks eagerly; without a ``vocab_size`` only the
     host checks run."""
     vocab = getattr(getattr(static, "config", None), "vocab_size", None)
+    if vocab is None:
+        tokens_checked = None
+    elif jit:  # one jitted function for all steps: every step on this mesh and vocabulary reuses its program
+        tokens_checked = one_at_a_time(functools.partial(_check_tokens_jit, vocab=vocab, mesh=mesh), mesh)
+    else:
+        tokens_checked = functools.partial(check_tokens, vocab=vocab, mesh=mesh)
+
+    def check(batch: Batch) -> Batch:
+        check_batch(batch, mesh, micro_batches)
+        return batch if tokens_checked is None else tokens_checked(batch)
+
+    return check
+
+
+def check_tokens(batch: Batch, *, vocab: int, mesh: Mesh) -> Batch:
+    """``batch`` with ``inputs`` passed through a check of every device's token ids (see :func:`make_batch_check`)."""
     rows_axes = batch_axes(mesh)
     message = f"token id outside [0, vocab_size={vocab}) in batch.inputs, or in batch.targets where loss_mask is set"
 
@@ -76,18 +93,12 @@ def make_batch_check(static: Any, mesh: Mesh, micro_batches: int = 1, *, jit: bo
         zero = eqx.error_if(jnp.zeros((), batch.inputs.dtype), outside > 0, message)
         return batch.inputs + zero  # the step's use of this output is what keeps the check alive
 
-    def check_tokens(batch: Batch) -> Batch:
-        specs = batch_specs(batch, mesh)
-        inputs = jax.shard_map(local_check, mesh=mesh, in_specs=(specs,), out_specs=specs.inputs)(batch)
-        return eqx.tree_at(lambda b: b.inputs, batch, inputs)
+    specs = batch_specs(batch, mesh)
+    inputs = jax.shard_map(local_check, mesh=mesh, in_specs=(specs,), out_specs=specs.inputs)(batch)
+    return eqx.tree_at(lambda b: b.inputs, batch, inputs)
 
-    tokens_checked = one_at_a_time(jax.jit(check_tokens), mesh) if jit else check_tokens
 
-    def check(batch: Batch) -> Batch:
-        check_batch(batch, mesh, micro_batches)
-        return batch if vocab is None else tokens_checked(batch)
-
-    return check
+_check_tokens_jit = jax.jit(check_tokens, static_argnames=("vocab", "mesh"))
 
 
 def batch_specs(batch: Batch, mesh: Mesh) -> Any:
