@@ -69,9 +69,9 @@ def test_kernels_agree_in_the_model(model, tokens, kernel):
     assert scale_error(logits, reference) <= 1e-5
 
 
-def policy_loss(tokens):
-    """The loss whose value and gradients the execution policies must not change."""
-    return eqx.filter_jit(eqx.filter_value_and_grad(lambda m: jnp.mean(m(tokens)[0] ** 2)))  # op by op is slower
+def loss_and_grads(model, tokens):
+    """(loss, gradients) of the mean squared logits, one fresh compile (op by op is slower)."""
+    return eqx.filter_jit(eqx.filter_value_and_grad(lambda m: jnp.mean(m(tokens)[0] ** 2)))(model)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def float64_reference():
         config = ModelConfig(**{**TINY.__dict__, "num_blocks": 2, "param_dtype": "float64", "compute_dtype": "float64"})
         model = perturbed(build(config, key=jax.random.key(0)), jax.random.key(1))
         tokens = jax.random.randint(jax.random.key(2), (21,), 0, TINY.vocab_size)  # 2 chunks of 8 + a remainder
-        return (model, tokens, *policy_loss(tokens)(model))
+        return (model, tokens, *loss_and_grads(model, tokens))
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def float64_reference():
 def test_execution_policies_do_not_change_results(x64, float64_reference, change):
     """Checked in float64: in float32 these gradients carry only ~5 digits (both paths ~1e-5 from float64)."""
     model, tokens, value, grads = float64_reference
-    other_value, other_grads = policy_loss(tokens)(model.with_policy(**change))
+    other_value, other_grads = loss_and_grads(model.with_policy(**change), tokens)
     assert abs(float(value - other_value)) <= 1e-10 * abs(float(value))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
         assert scale_error(a, b) <= 1e-10
@@ -151,42 +151,35 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(model, tokens):
     assert scale_error(logits, reference) < 0.05  # bfloat16 has 8 mantissa bits
 
 
-def test_bfloat16_gradients_are_as_accurate_as_plain_autodiff(model, tokens, monkeypatch):
+@pytest.fixture(scope="module")
+def float32_and_bfloat16(model, tokens):
+    """``loss_and_grads`` of the float32 model and of its bfloat16 policy with native low-precision GEMMs."""
+    bf16 = model.with_policy(compute_dtype="bfloat16", low_precision_matmul="native")
+    return loss_and_grads(model, tokens), loss_and_grads(bf16, tokens)
+
+
+def test_bfloat16_gradients_are_as_accurate_as_plain_autodiff(model, tokens, float32_and_bfloat16, monkeypatch):
     """The bfloat16 matmuls' own backward (bf16 inputs, float32 accumulation) loses no more accuracy against
     float32 than JAX's autodiff of the same bfloat16 forward (whose backward products run in float32), and weight
     gradients stay float32."""
-    bf16 = model.with_policy(compute_dtype="bfloat16")
-
-    def loss(m):
-        return jnp.mean(m(tokens)[0] ** 2)
-
-    def grad(m):  # a new jit wrapper per call: the patch below must be traced, not served from a cache
-        return eqx.filter_jit(eqx.filter_grad(loss))(m)
-
-    reference, ours = grad(model), grad(bf16)
+    (_, reference), (_, ours) = float32_and_bfloat16
     plain = lambda x, w, upcast=False: jnp.einsum("ri,oi->ro", x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # noqa: E731
     monkeypatch.setattr(layers, "mixed_precision_matmul", plain)
-    autodiff = grad(bf16)
+    bf16 = model.with_policy(compute_dtype="bfloat16", low_precision_matmul="native")
+    _, autodiff = loss_and_grads(bf16, tokens)  # a new jit wrapper, so the patch is traced, not served from a cache
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(ours))
     assert relative_error(autodiff, reference) > 1e-3  # the patch took effect: a bfloat16 forward, not float32
     assert relative_error(ours, reference) <= 1.1 * relative_error(autodiff, reference)
     assert relative_error(ours, autodiff) < 0.02
 
 
-def test_upcast_bfloat16_products_change_only_the_summation_order(model, tokens):
+def test_upcast_bfloat16_products_change_only_the_summation_order(model, tokens, float32_and_bfloat16):
     """The whole bf16 model's loss and gradients with its products upcast to float32 GEMMs equal the native
     low-precision GEMMs' up to float32 summation order: four orders of magnitude below bfloat16's own error."""
-
-    def loss(m):
-        return jnp.mean(m(tokens)[0] ** 2)
-
-    def bf16(policy):
-        return model.with_policy(compute_dtype="bfloat16", low_precision_matmul=policy)
-
-    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))  # one compile each: op-by-op is slower
-    results = {policy: value_and_grad(bf16(policy)) for policy in ("native", "upcast")}
-    (native_loss, native), (upcast_loss, upcast) = results["native"], results["upcast"]
-    float32_loss, float32 = value_and_grad(model)
+    (_, float32), (native_loss, native) = float32_and_bfloat16
+    upcast_loss, upcast = loss_and_grads(
+        model.with_policy(compute_dtype="bfloat16", low_precision_matmul="upcast"), tokens
+    )
     assert abs(float(upcast_loss - native_loss)) <= 1e-6 * abs(float(native_loss))
     assert relative_error(native, float32) > 1e-2  # both really ran in bfloat16
     assert relative_error(upcast, native) <= 1e-5
