@@ -200,3 +200,15 @@ def test_top_p_samples_only_the_nucleus():
     assert nucleus == {1, 3}
     assert set(np.asarray(jax.vmap(lambda k: _sample(logits, k, 1.0, None, 0.5))(keys)).tolist()) == {1}
     assert set(np.asarray(jax.vmap(lambda k: _sample(logits, k, 1.0, 3, 1.0))(keys)).tolist()) == {1, 2, 3}
+
+
+def test_a_concrete_prompt_is_checked_on_the_host_and_a_traced_one_on_the_device(model):
+    """A concrete prompt is checked before tracing, so generate_jit's program holds no host callback and JAX's
+    persistent compilation cache can keep it; a prompt traced by an outer jit is checked inside the program."""
+    prompt, key = jnp.array([1, 2, 3]), jax.random.key(0)
+    program = lambda run, *args: str(jax.make_jaxpr(run)(model, *args))  # noqa: E731
+    concrete = program(lambda m: generate_jit(m, prompt, 2, key=key, temperature=0.0))
+    traced = program(lambda m, p: generate_jit(m, p, 2, key=key, temperature=0.0), prompt)
+    assert "callback" not in concrete and "callback" in traced
+    with pytest.raises(Exception, match="token id outside"):
+        jax.block_until_ready(eqx.filter_jit(lambda m, p: generate(m, p, 2, key=key))(model, jnp.array([1, 4096])))

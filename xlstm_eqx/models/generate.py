@@ -130,11 +130,14 @@ def _generate(
     top_k: int | None,
     eod_id: int | None,
     top_p: float | None = None,
+    check_prompt: bool = True,
 ) -> Array:
     # Prefill: one call with the configured parallel/chunkwise kernel. With eod_id, every EOD input starts a fresh
     # document (memory wiped before it is written), as in training where each document's inputs begin with EOD.
+    # A concrete prompt was checked on the host (check_generate_args); only a traced one needs the device check,
+    # whose host callback would keep the program out of JAX's persistent compilation cache.
     reset = None if eod_id is None else prompt == eod_id
-    logits, state = model(prompt, reset=reset)
+    logits, state = model(prompt, reset=reset, check_token_ids=check_prompt)
     keys = jax.random.split(key, num_tokens)
     first = _sample(logits[-1], keys[0], temperature, top_k, top_p)
 
@@ -177,7 +180,8 @@ def generate(
     """
     check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
     num_tokens, top_k, eod_id = _static_int(num_tokens), _static_int(top_k), _static_int(eod_id)
-    return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p)
+    traced = isinstance(prompt, jax.core.Tracer)
+    return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p, check_prompt=traced)
 
 
 _generate_compiled = eqx.filter_jit(_generate)  # arrays traced; Python scalars (the settings) static
@@ -199,7 +203,8 @@ def generate_jit(
     check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
     num_tokens, top_k, eod_id = _static_int(num_tokens), _static_int(top_k), _static_int(eod_id)
     top_p = None if top_p is None else float(top_p)
-    return _generate_compiled(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p)
+    traced = isinstance(prompt, jax.core.Tracer)  # generate_jit inside an outer jit
+    return _generate_compiled(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p, traced)
 
 
 def sample_text(
