@@ -54,9 +54,10 @@ def check_generate_args(
     top_k: IntLike | None,
     eod_id: IntLike | None = None,
     top_p: float | None = None,
-) -> None:
+) -> bool:
     """Raise ``ValueError``/``TypeError`` naming the offending argument. The prompt's token ids are checked here
-    when the prompt is concrete; a traced prompt is checked on device by the model's forward instead."""
+    when the prompt is concrete; a traced prompt is checked on device by the model's forward instead. Returns
+    whether the ids were checked here (the forward then skips its check)."""
     vocab = model.config.vocab_size
     if not _is_int(num_tokens):
         raise TypeError(f"num_tokens must be a Python int (it is static under jit), got {type(num_tokens).__name__}")
@@ -87,15 +88,17 @@ def check_generate_args(
         raise ValueError("prompt is empty: generation needs at least one token (e.g. the EOD/BOS id)")
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"prompt must hold integer token ids, got dtype {dtype}")
-    if not isinstance(prompt, jax.core.Tracer):
-        ids = np.asarray(prompt)
-        bad = (ids < 0) | (ids >= vocab)
-        if bad.any():
-            first = int(np.argmax(bad))
-            raise ValueError(
-                f"prompt has token ids outside [0, vocab_size={vocab}): {int(bad.sum())} of them, "
-                f"the first is {int(ids[first])} at position {first}"
-            )
+    if isinstance(prompt, jax.core.Tracer):
+        return False
+    ids = np.asarray(prompt)
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(
+            f"prompt has token ids outside [0, vocab_size={vocab}): {int(bad.sum())} of them, "
+            f"the first is {int(ids[first])} at position {first}"
+        )
+    return True
 
 
 def _sample(
@@ -134,8 +137,8 @@ def _generate(
 ) -> Array:
     # Prefill: one call with the configured parallel/chunkwise kernel. With eod_id, every EOD input starts a fresh
     # document (memory wiped before it is written), as in training where each document's inputs begin with EOD.
-    # A concrete prompt was checked on the host (check_generate_args); only a traced one needs the device check,
-    # whose host callback would keep the program out of JAX's persistent compilation cache.
+    # Only a prompt that check_generate_args could not check on the host (a traced one) is checked here: the
+    # check's host callback would keep the program out of JAX's persistent compilation cache.
     reset = None if eod_id is None else prompt == eod_id
     logits, state = model(prompt, reset=reset, check_token_ids=check_prompt)
     keys = jax.random.split(key, num_tokens)
@@ -178,10 +181,9 @@ def generate(
     before it is written, so text after an EOD starts a fresh document as in training (each training document's
     inputs start with EOD on an empty memory). Without it the memory runs on across document breaks.
     """
-    check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
+    checked = check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
     num_tokens, top_k, eod_id = _static_int(num_tokens), _static_int(top_k), _static_int(eod_id)
-    traced = isinstance(prompt, jax.core.Tracer)
-    return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p, check_prompt=traced)
+    return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p, not checked)
 
 
 _generate_compiled = eqx.filter_jit(_generate)  # arrays traced; Python scalars (the settings) static
@@ -200,11 +202,10 @@ def generate_jit(
 ) -> Int[Array, " num_tokens"]:
     """:func:`generate`, compiled: arguments are checked eagerly, then one jitted call does the prefill and the
     scan. Recompiles for a new prompt length, ``num_tokens``, ``temperature``, ``top_k`` or ``eod_id``."""
-    check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
+    checked = check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
     num_tokens, top_k, eod_id = _static_int(num_tokens), _static_int(top_k), _static_int(eod_id)
     top_p = None if top_p is None else float(top_p)
-    traced = isinstance(prompt, jax.core.Tracer)  # generate_jit inside an outer jit
-    return _generate_compiled(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p, traced)
+    return _generate_compiled(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p, not checked)
 
 
 def sample_text(
