@@ -139,6 +139,19 @@ def test_fit_fires_each_event_at_the_expected_steps(tiny):
     assert sorted(result.results) == ["test", "val_epoch_2", "val_epoch_4", "val_step_12", "val_step_6"]
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_the_last_step_ends_a_partial_last_epoch(tiny, every):
+    """6 steps of 4-step epochs: epoch 2 is partial and ends (and validates, when its turn) at step 6."""
+    state, train_step, eval_step, *_ = tiny
+    hook, seen = recorder()
+    config = LoopConfig(num_train_steps=6, steps_per_epoch=4, check_val_every_n_steps=-1, check_val_every_n_epoch=every)
+    result = fit(state, train_step, eval_step, Stream(), config=config, val_data=eval_set(1), hooks=[hook])
+    assert [(k, s, e) for k, s, e, _ in seen if k in ("epoch_end", "val_end")] == [
+        ("epoch_end", 4, 1), *([("val_end", 4, 1)] if every == 1 else []), ("epoch_end", 6, 2), ("val_end", 6, 2)
+    ]  # fmt: skip
+    assert sorted(result.results) == (["val_epoch_1", "val_epoch_2"] if every == 1 else ["val_epoch_2"])
+
+
 def test_epoch_validation_at_a_validated_step_reuses_the_result(tiny):
     state, train_step, eval_step, *_ = tiny
     hook, seen = recorder()
@@ -148,6 +161,18 @@ def test_epoch_validation_at_a_validated_step_reuses_the_result(tiny):
         ("val_start", 4), ("val_end", 4), ("val_start", 8), ("val_end", 8)
     ]  # fmt: skip
     assert result.results["val_epoch_1"] is result.results["val_step_4"]
+
+
+@pytest.mark.parametrize("batches", [3, 0])
+def test_a_training_stream_that_ends_early_stops_the_run_with_its_state(tiny, batches):
+    state, train_step, eval_step, *_ = tiny
+    hook, seen = recorder()
+    config = LoopConfig(num_train_steps=5)
+    result = fit(state, train_step, eval_step, iter(eval_set(batches)), config=config, hooks=[hook],
+                 test_data=eval_set(1))  # fmt: skip
+    assert (result.status, result.step, int(result.state.step)) == ("data_exhausted", batches, batches)
+    assert f"train_data ended after step {batches} of 5" in result.reason
+    assert seen[-1] == ("train_end", batches, 1, "") and "test" not in result.results
 
 
 def test_stop_action_ends_training_with_its_status(tiny):

@@ -75,9 +75,11 @@ class LoopConfig:
 
     Exactly one of ``num_epochs`` / ``num_train_steps`` (checked when training starts). An epoch is
     ``steps_per_epoch`` steps of the endless (per-epoch reshuffled) training stream; None = one pass over the
-    training data, counted once before training. Validation after every ``check_val_every_n_epoch``-th epoch
-    and/or every ``check_val_every_n_steps`` steps (≤ 0 disables either). The progress bar shows loss, tokens/s
-    and ETA; with it, each validation and test pass shows a transient bar of its own (on process 0 only).
+    training data, counted once before training; a step budget that is not a whole number of epochs ends with a
+    partial epoch, which ends (and may validate) at the last step. Validation after every
+    ``check_val_every_n_epoch``-th epoch and/or every ``check_val_every_n_steps`` steps (≤ 0 disables either).
+    The progress bar shows loss, tokens/s and ETA; with it, each validation and test pass shows a transient bar of
+    its own (on process 0 only).
     """
 
     num_epochs: int | None = None

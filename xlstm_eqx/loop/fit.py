@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config.parsing import ConfigError
 from ..config.run import LoopConfig
+from ..io.writers import TRAIN_LOSS_KEYS
 from ..train.metrics import merge_metrics
 from ..train.metrics_host import add_perplexity, to_host
 from .evaluate import EvalSets, evaluate, fresh_pass
@@ -20,13 +21,13 @@ from .events import Event, Hook, Stop, fire
 from .hooks import nan_stop
 from .logger import RunLogger, StepTimer
 
-LOSS_KEYS = ("loss_mean", "loss_single", "loss", "loss_max")
+DATA_EXHAUSTED = "data_exhausted"  # the status of a run whose training stream ended before the planned total
 
 
 @dataclasses.dataclass(frozen=True)
 class FitResult:
-    """``status``: ``success``, ``nan`` or the status of a hook's Stop; ``results``: ``val_step_<s>``,
-    ``val_epoch_<e>`` and ``test`` → host metrics."""
+    """``status``: ``success``, ``nan``, ``data_exhausted`` or the status of a hook's Stop; ``results``:
+    ``val_step_<s>``, ``val_epoch_<e>`` and ``test`` → host metrics."""
 
     state: Any
     status: str
@@ -48,9 +49,9 @@ def plan_steps(config: LoopConfig, steps_per_epoch: int | None) -> tuple[int, in
 
 
 def _step_scalars(metrics: dict[str, Any]) -> tuple[float, bool]:
-    """This step's loss (NaN when the train log modes give none of ``LOSS_KEYS``) and non-finite flag: the
+    """This step's loss (NaN when the train log modes give none of ``TRAIN_LOSS_KEYS``) and non-finite flag: the
     step's own check (``nonfinite_max``) or a non-finite loss. One small device_get; waits for the step."""
-    loss_key = next((k for k in LOSS_KEYS if k in metrics), None)
+    loss_key = next((k for k in TRAIN_LOSS_KEYS if k in metrics), None)
     keys = [k for k in (loss_key, "nonfinite_max") if k is not None and k in metrics]
     host = to_host({k: metrics[k] for k in keys})
     loss = float(host[loss_key]) if loss_key is not None else math.nan
@@ -136,12 +137,14 @@ def fit(
     """Trains ``state`` from its own step (so a restored state resumes) to the planned total. ``state`` is
     consumed (the train step donates it); use the returned one.
 
-    ``train_data`` is an endless iterator of global batches (with ``get_state`` if it can be checkpointed);
-    ``val_data`` / ``test_data`` are evaluation sets (see :mod:`.evaluate`; validation sets must be
-    re-iterable: lists or zero-argument callables, not iterators). Validation runs every
-    ``check_val_every_n_steps`` steps and after every ``check_val_every_n_epoch``-th epoch (once per step:
-    an epoch-end validation at a step that was just validated re-uses that result). The test runs at the end
-    on ``restore_best(state) -> (state, step)`` (the best checkpoint) if given, else on the final state.
+    ``train_data`` is an endless iterator of global batches (with ``get_state`` if it can be checkpointed); one
+    that ends early stops the run after its last batch with status ``data_exhausted`` (the state is returned and
+    the checkpoint hook saves it). ``val_data`` / ``test_data`` are evaluation sets (see :mod:`.evaluate`;
+    validation sets must be re-iterable: lists or zero-argument callables, not iterators). Validation runs every
+    ``check_val_every_n_steps`` steps and after every ``check_val_every_n_epoch``-th epoch (the last step ends
+    the last epoch, whole or partial, so the final state is validated when that epoch's turn comes; once per
+    step: an epoch-end validation at a step that was just validated re-uses that result). The test runs at the
+    end on ``restore_best(state) -> (state, step)`` (the best checkpoint) if given, else on the final state.
 
     ``stop_on_nan``: stop with status ``nan`` at the first non-finite step or validation (:func:`.hooks.nan_stop`
     runs before ``hooks``); with the train step's ``check_for_nan`` that step changed nothing. Before the first
@@ -190,7 +193,15 @@ def fit(
 
     get_data_state = getattr(train_data, "get_state", lambda: None)
     data_state = get_data_state()  # the stream's position after the last step taken (what a checkpoint needs)
-    batch = next(train_data) if step < total else None
+
+    def next_batch() -> Any:
+        """The next training batch, or None when the run needs no more or the stream has ended."""
+        return next(train_data, None) if step < total else None
+
+    def ran_out() -> Stop:
+        return Stop(DATA_EXHAUSTED, f"train_data ended after step {step} of {total}: pass an endless stream")
+
+    batch = next_batch()
     tokens = 0 if batch is None else int(batch.inputs.size)  # per step: rows × length of the global batch
     if batch is not None:
         for mode, row in run_info(state, batch, total, per_epoch).items():
@@ -198,7 +209,7 @@ def fit(
             info("%s: %s", mode, ", ".join(f"{k} {v:,}" for k, v in row.items()))
         if val_data is not None:
             check_eval_step(eval_step, state, val_data)
-    stop = emit("train_start")
+    stop = emit("train_start") or (ran_out() if batch is None and step < total else None)
     bar = tqdm(
         total=total,
         initial=step,
@@ -217,7 +228,7 @@ def fit(
         state, metrics = train_step(state, batch)
         step += 1
         data_state = get_data_state()
-        batch = next(train_data) if step < total else None  # loads while the device computes
+        batch = next_batch()  # loads while the device computes
         loss, nonfinite = _step_scalars(metrics)
         running = metrics if running is None else merge_metrics(running, metrics)
         now = time.perf_counter()
@@ -228,13 +239,16 @@ def fit(
         logged = {}
         if step % log_every_n_steps == 0 or step == total or nonfinite:  # the last interval may be partial
             logged, running = train_row(running), None
-            info("step %d/%d: %s", step, total, _describe(logged, (*LOSS_KEYS, "accuracy_mean", "tokens_per_s")))
+            info("step %d/%d: %s", step, total, _describe(logged, (*TRAIN_LOSS_KEYS, "accuracy_mean", "tokens_per_s")))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / max(now - tick, 1e-9):.0f}", refresh=False)
         tick = now
         by_steps = config.check_val_every_n_steps > 0 and step % config.check_val_every_n_steps == 0
+        # the last step ends its epoch even when that epoch is partial (a step budget that is not a whole number
+        # of epochs), so the final state is validated (and checkpointed with metrics) like any epoch end
+        ends_epoch, epoch = step % per_epoch == 0 or step == total, (step - 1) // per_epoch + 1
         every = config.check_val_every_n_epoch
-        by_epoch = step % per_epoch == 0 and every > 0 and (step // per_epoch) % every == 0
+        by_epoch = ends_epoch and every > 0 and epoch % every == 0
         follows = val_data is not None and (by_steps or by_epoch)
         stop = emit("step", logged, loss=loss, nonfinite=nonfinite, validation_follows=follows)
         if stop is not None:
@@ -242,8 +256,7 @@ def fit(
         if val_data is not None and by_steps:
             results[f"val_step_{step}"], stop = validate("step")
             last_val = step
-        if step % per_epoch == 0 and stop is None:
-            epoch = step // per_epoch
+        if ends_epoch and stop is None:
             stop = emit("epoch_end", {"epoch_time": time.perf_counter() - epoch_start})
             if val_data is not None and by_epoch and stop is None:
                 if last_val == step:
@@ -251,6 +264,8 @@ def fit(
                 else:
                     results[f"val_epoch_{epoch}"], stop = validate("epoch")
                     last_val = step
+        if stop is None and batch is None and step < total:
+            stop = ran_out()
     bar.close()
     if running is not None:  # a hook stopped the run inside a log interval: its steps still get their row
         write("train", step, max(step - 1, 0) // per_epoch + 1, train_row(running))
