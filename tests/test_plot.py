@@ -76,6 +76,26 @@ def test_train_only_and_single_point(tmp_path):
     assert plot_loss_curve(writer.path, tmp_path / "one.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.parametrize("key", ["loss", "loss_single", "loss_max"])
+def test_train_loss_of_other_log_modes(tmp_path, key):
+    """Without the mean log mode the curve shows the loss the train log modes gave (``loss_std`` is not one)."""
+    writer = JsonlWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write("train", step, 1, {key: 4.0 - step, "loss_std": 0.5})
+    writer.close()
+    train, _ = read_loss_curves(writer.path)
+    assert train == {1: 3.0, 2: 2.0, 3: 1.0}
+    assert plot_loss_curve(writer.path, tmp_path / "other.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_only_a_loss_spread_is_not_a_train_loss(tmp_path):
+    writer = JsonlWriter(tmp_path)
+    writer.write("train", 1, 1, {"loss_std": 0.5})
+    writer.close()
+    with pytest.raises(ValueError, match=r"no train loss.*'loss_std'.*expected one of \['loss_mean'"):
+        read_loss_curves(writer.path)
+
+
 def test_missing_file_is_named(tmp_path):
     missing = tmp_path / "nowhere" / "metrics.jsonl"
     with pytest.raises(FileNotFoundError, match="nowhere/metrics.jsonl"):

@@ -63,6 +63,29 @@ def test_csv_streams_rows_and_widens_the_header(tmp_path):
     assert [r["log_step"] for r in csv.DictReader(writer.path("train").open())] == ["10", "20", "30", "40", "50"]
 
 
+@pytest.mark.parametrize("torn", ['{"mode": "train", "log_st', ""])
+def test_a_resumed_run_drops_a_torn_last_jsonl_line(tmp_path, caplog, torn):
+    JsonlWriter(tmp_path).write("train", 1, 1, {"loss_mean": 3.0})
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as file:  # a crash in the middle of writing the next row
+        file.write(torn)
+    JsonlWriter(tmp_path).write("train", 2, 1, {"loss_mean": 2.0})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["log_step"] for r in rows] == [1, 2]
+    assert ("incomplete last line" in caplog.text) == bool(torn)
+
+
+def test_a_resumed_run_drops_a_torn_last_csv_row(tmp_path, caplog):
+    CsvWriter(tmp_path).write("train", 1, 1, {"loss_mean": 3.0, "lr": 0.1})
+    path = CsvWriter(tmp_path).path("train")
+    with path.open("a") as file:
+        file.write("2,1,2.5")  # the row of step 2, cut short: its lr is missing
+    CsvWriter(tmp_path).write("train", 3, 1, {"loss_mean": 2.0, "lr": 0.1, "grad_norm": 1.0})  # widens the header
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["log_step"], r["loss_mean"], r["grad_norm"]) for r in rows] == [("1", "3.0", ""), ("3", "2.0", "1.0")]
+    assert "incomplete last line" in caplog.text and "2,1,2.5" in caplog.text
+
+
 def read_scalars(directory):
     """{tag: [(step, value)]} from TensorBoard event files (TFRecord framing: length, crc, data, crc)."""
     scalars = {}

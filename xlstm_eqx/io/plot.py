@@ -15,11 +15,11 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .writers import STEP
+from .writers import STEP, TRAIN_LOSS_KEYS
 
 __all__ = ["plot_loss_curve", "read_loss_curves"]
 
-TRAIN_MODE, TRAIN_KEY = "train", "loss_mean"
+TRAIN_MODE = "train"
 
 
 def _is_eval_loss_key(key: str) -> bool:
@@ -36,17 +36,24 @@ def _number(value: Any) -> float | None:
 
 
 def read_loss_curves(metrics_jsonl: str | Path) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
-    """``(train, evals)``: train ``loss_mean`` by step, and per evaluation series ``"<mode> <key>"`` (``key`` is
-    ``loss`` or ``<name>_loss``; e.g. ``"val loss"``) its loss by step; all sorted by step.
+    """``(train, evals)``: the train loss by step, and per evaluation series ``"<mode> <key>"`` (``key`` is
+    ``loss`` or ``<name>_loss``; e.g. ``"val loss"``) its loss by step; all sorted by step. The train loss is
+    the first of ``TRAIN_LOSS_KEYS`` (``loss_mean``, ``loss_single``, ``loss``, ``loss_max``: one per train log
+    mode) that has a finite value.
 
     A step that appears more than once (a resumed run appends to the file) keeps its last value. Non-finite
     values are left out. Raises ``FileNotFoundError`` naming a missing file, ``ValueError`` naming the line of a
-    malformed row, and ``ValueError`` listing the keys found when no train row has ``loss_mean``.
+    malformed row, and ``ValueError`` listing the keys found when no train row has a finite train loss.
     """
+    return _read(metrics_jsonl)[1:]
+
+
+def _read(metrics_jsonl: str | Path) -> tuple[str, dict[int, float], dict[str, dict[int, float]]]:
+    """``(train loss key, train, evals)`` of :func:`read_loss_curves`."""
     path = Path(metrics_jsonl)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
-    train: dict[int, float] = {}
+    train: dict[str, dict[int, float]] = {key: {} for key in TRAIN_LOSS_KEYS}
     evals: dict[str, dict[int, float]] = defaultdict(dict)
     train_keys: set[str] = set()
     modes: set[str] = set()
@@ -69,11 +76,12 @@ def read_loss_curves(metrics_jsonl: str | Path) -> tuple[dict[int, float], dict[
             modes.add(mode)
             if mode == TRAIN_MODE:
                 train_keys.update(row)
-                value = _number(row.get(TRAIN_KEY))
-                if value is not None:
-                    train[step] = value
-                elif TRAIN_KEY in row:
-                    train.pop(step, None)  # a later non-finite value replaces an earlier one at this step
+                for key, points in train.items():
+                    value = _number(row.get(key))
+                    if value is not None:
+                        points[step] = value
+                    elif key in row:
+                        points.pop(step, None)  # a later non-finite value replaces an earlier one at this step
                 continue
             for key, raw in row.items():
                 if not _is_eval_loss_key(key):
@@ -84,32 +92,37 @@ def read_loss_curves(metrics_jsonl: str | Path) -> tuple[dict[int, float], dict[
                     evals[series][step] = value
                 else:
                     evals[series].pop(step, None)
-    if not train:
+    train_key = next((key for key, points in train.items() if points), None)
+    if train_key is None:
         if not train_keys:
             found = f"no rows with mode {TRAIN_MODE!r} (modes found: {sorted(modes) or 'none, the file is empty'})"
         else:
-            found = f"{TRAIN_MODE!r} rows carry only the keys {sorted(train_keys)} (or no finite {TRAIN_KEY!r} value)"
-        raise ValueError(f"{path}: no train loss to plot: {found}; expected {TRAIN_KEY!r} in {TRAIN_MODE!r} rows")
+            found = f"{TRAIN_MODE!r} rows carry only the keys {sorted(train_keys)} (or no finite loss value)"
+        raise ValueError(
+            f"{path}: no train loss to plot: {found}; expected one of {list(TRAIN_LOSS_KEYS)} in {TRAIN_MODE!r} rows"
+        )
     ordered = lambda points: dict(sorted(points.items()))  # noqa: E731
     plain_loss_first = lambda item: (item[0].split(" ")[0], not item[0].endswith(" loss"), item[0])  # noqa: E731
-    return ordered(train), {name: ordered(pts) for name, pts in sorted(evals.items(), key=plain_loss_first) if pts}
+    series = {name: ordered(pts) for name, pts in sorted(evals.items(), key=plain_loss_first) if pts}
+    return train_key, ordered(train[train_key]), series
 
 
 def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path, *, title: str | None = None) -> Path:
-    """Plot train loss (``loss_mean`` of ``train`` rows, a line) and every evaluation loss (``loss`` or
-    ``<name>_loss`` of other modes such as ``val``, markers joined by a line) against the step; save a PNG.
+    """Plot train loss (``loss_mean`` of ``train`` rows, or what the train log modes gave; see
+    :func:`read_loss_curves`: a line) and every evaluation loss (``loss`` or ``<name>_loss`` of other modes such
+    as ``val``, markers joined by a line) against the step; save a PNG.
 
     ``title`` defaults to the run directory's name. Returns the path written (parent folders are created).
     Errors as in :func:`read_loss_curves`.
     """
     metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
-    train, evals = read_loss_curves(metrics_jsonl)
+    train_key, train, evals = _read(metrics_jsonl)
 
     figure = Figure(figsize=(8, 5), dpi=100, layout="tight")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     steps, losses = list(train), list(train.values())
-    axes.plot(steps, losses, label=f"train {TRAIN_KEY}", linewidth=1.2, marker="o" if len(steps) == 1 else None)
+    axes.plot(steps, losses, label=f"train {train_key}", linewidth=1.2, marker="o" if len(steps) == 1 else None)
     for name, points in evals.items():
         axes.plot(list(points), list(points.values()), label=name, marker="o", markersize=4, linewidth=1.0)
     axes.set_xlabel("step")

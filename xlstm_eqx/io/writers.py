@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+_log = logging.getLogger(__name__)
 STEP, EPOCH = "log_step", "log_epoch"
+# A train row's loss under each train log mode (mean, single, mean_nopostfix, max), in the order readers prefer.
+TRAIN_LOSS_KEYS = ("loss_mean", "loss_single", "loss", "loss_max")
 
 
 @runtime_checkable
@@ -25,6 +30,32 @@ class MetricWriter(Protocol):
     def write(self, mode: str, step: int, epoch: int, metrics: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
+
+
+def drop_torn_last_line(path: Path) -> None:
+    """Cuts ``path`` back to its last complete line when a crash left a partial one, so rows appended on resume
+    start on a line of their own (a row glued onto the fragment would be lost too). Warns, naming the file and
+    the fragment; a missing or empty file, or one ending in a newline, is left as it is."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as file:
+        end = file.seek(0, os.SEEK_END)
+        cut, block = end, 1 << 16
+        while cut > 0:  # backwards, block by block, to the last newline
+            start = max(cut - block, 0)
+            file.seek(start)
+            newline = file.read(cut - start).rfind(b"\n")
+            if newline >= 0:
+                if start + newline == end - 1:
+                    return
+                cut = start + newline + 1
+                break
+            cut = start
+        file.seek(cut)
+        fragment = file.read(80)
+        file.truncate(cut)
+    fragment = fragment.decode(errors="replace")
+    _log.warning("%s: dropped an incomplete last line (a crash mid-write?): %r", path, fragment)
 
 
 def _host(value: Any) -> Any:
@@ -60,6 +91,7 @@ class JsonlWriter:
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_last_line(self.path)
         self._file = self.path.open("a")
 
     def write(self, mode: str, step: int, epoch: int, metrics: dict[str, Any]) -> None:
@@ -91,7 +123,8 @@ class CsvWriter:
         row.update({k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None})
         path = self.path(mode)
         columns = self._columns.get(mode)
-        if columns is None:
+        if columns is None:  # first row of this mode in this process: the file may be a crashed run's
+            drop_torn_last_line(path)
             columns = self._existing_columns(path)
         new = [key for key in row if key not in columns]
         if new or not path.exists():

@@ -212,7 +212,12 @@ def train_job(
         if "jsonl" in config.log.writers and jax.process_index() == 0:  # rows are on disk as soon as written
             from ..io.plot import plot_loss_curve
 
-            summary["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.jsonl", logger.tensorboard_dir / "loss.png"))
+            try:
+                curve = plot_loss_curve(run_dir / "metrics.jsonl", logger.tensorboard_dir / "loss.png")
+                summary["loss_curve"] = str(curve)
+            except (OSError, ValueError) as error:  # a missing figure does not fail a finished run
+                logger.warning("no loss curve: %s", error)
+                summary["loss_curve"] = None
         return summary
     except BaseException as error:  # the text log and status.json say why the run ended, then it propagates
         logger.text.exception("the run failed: %s", error)
