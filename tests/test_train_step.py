@@ -18,7 +18,7 @@ from xlstm_eqx.data import Batch
 from xlstm_eqx.models import build
 from xlstm_eqx.parallel import make_mesh
 from xlstm_eqx.train.loss import lm_loss
-from xlstm_eqx.train.metrics import to_host
+from xlstm_eqx.train.metrics import Measured, to_host
 from xlstm_eqx.train.state import init
 from xlstm_eqx.train.steps import make_eval_step, make_train_step
 
@@ -52,9 +52,9 @@ def perturbed_model(key, scale=0.05, model_config=MODEL):
     return jax.tree.unflatten(treedef, noisy)
 
 
-def run(mesh_shape, config=TrainConfig(), steps=3, tx=None, batches=None, model_config=MODEL, evaluate=False):
+def run(mesh_shape, config=TrainConfig(), steps=3, tx=None, batches=None, model_config=MODEL, evaluate=False, **kw):
     """Returns (final params as numpy, host train metrics per step, eval metrics or None) on a mesh of that
-    shape; the eval step runs (and compiles) only with ``evaluate``."""
+    shape; the eval step runs (and compiles) only with ``evaluate``. ``kw`` go to ``make_train_step``."""
     data, fsdp, model = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, model=model), jax.devices()[: data * fsdp * model])
     tx = tx or optax.adamw(1e-2, b2=0.95, weight_decay=0.1)
@@ -65,7 +65,7 @@ def run(mesh_shape, config=TrainConfig(), steps=3, tx=None, batches=None, model_
         mesh=mesh,
         fsdp_min_weight_size=0,
     )
-    train_step = make_train_step(static, tx, mesh, config, fsdp_min_weight_size=0)
+    train_step = make_train_step(static, tx, mesh, config, fsdp_min_weight_size=0, **kw)
     batches = batches or [make_batch(jax.random.key(10 + i)) for i in range(steps)]
     history = []
     for batch in batches:
@@ -166,16 +166,36 @@ def test_sharded_bfloat16_gradients_are_as_accurate_as_single_device(single_devi
     assert sharded < 1.5 * single
 
 
+def lm_loss_and_row_sums(model, batch, key, **kw):
+    """``lm_loss`` plus a per-example metric: each row's sum of scored target ids (and its token count)."""
+    value, measured = lm_loss(model, batch, key, **kw)
+    mask = batch.loss_mask.astype(jnp.float32)
+    per_row = jnp.sum(batch.targets.astype(jnp.float32) * mask, axis=1)
+    measured["row_sum"] = Measured(per_row)
+    measured["row_sum_w"] = Measured(per_row, jnp.sum(mask, axis=1))
+    return value, measured
+
+
 def test_accumulation_equals_one_big_batch():
-    """Four micro-batches, accumulated in a Python loop or in lax.scan, give the step of one batch of all four."""
-    sgd = optax.sgd(1.0)
-    big, ref_history, _ = run((2, 1, 1), tx=sgd, steps=1)
+    """Four micro-batches, accumulated in a Python loop or in lax.scan, give the step of one batch of all four;
+    per-example metrics keep one entry per row, in the batch's row order."""
+    sgd, batch = optax.sgd(1.0), make_batch(jax.random.key(10))
+    modes = {"row_sum": "single_noreduce", "row_sum_w": "single_noreduce_wcount"}
+    per_row = dict(loss_fn=lm_loss_and_row_sums, modes=modes)
+    big, ref_history, _ = run((2, 1, 1), tx=sgd, batches=[batch], **per_row)
+    targets, mask = np.asarray(batch.targets), np.asarray(batch.loss_mask)
+    row_sums, row_tokens = np.sum(targets * mask, 1), np.sum(mask, 1)
     for scan in (False, True):
         config = TrainConfig(gradient_accumulate_steps=4, gradient_accumulate_scan=scan)
-        accumulated, history, _ = run((2, 1, 1), config, tx=sgd, steps=1)
+        accumulated, history, _ = run((2, 1, 1), config, tx=sgd, batches=[batch], **per_row)
         assert history[0]["loss_mean"] == pytest.approx(ref_history[0]["loss_mean"], rel=1e-6), f"scan={scan}"
         for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(big)):
             assert relative(a, b) <= 1e-6, f"scan={scan}"
+        for metrics in (history[0], ref_history[0]):
+            np.testing.assert_array_equal(metrics["row_sum_single_noreduce"], row_sums)
+            values, counts = metrics["row_sum_w_single_noreduce_wcount"]
+            np.testing.assert_array_equal(values, row_sums)
+            np.testing.assert_array_equal(counts, row_tokens)
 
 
 @pytest.mark.slow  # op-by-op on two devices: ~50 s

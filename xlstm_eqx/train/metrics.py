@@ -303,6 +303,24 @@ def reduce_measured(
     return out
 
 
+def merge_micro_batches(stacked: Mapping[str, Measured], modes: ModesSpec) -> dict[str, Measured]:
+    """One device's measurements of consecutive micro-batches (leaves stacked on a leading micro-batch axis) as
+    one measurement of their whole batch, before :func:`reduce_measured`.
+
+    Values and counts are summed over micro-batches, except the per-example arrays of the noreduce modes, which
+    are joined on the batch axis in micro-batch order (rows as in the undivided batch): ``single_noreduce``
+    values, and ``single_noreduce_wcount`` values and counts.
+    """
+    modes = as_log_modes(modes)
+    out = {}
+    for name, m in stacked.items():
+        kind = _reduction(name, modes.of(name))
+        join = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (micro, rows, ...) -> (micro · rows, ...)
+        value = m.value.sum(0) if kind == "sum" else join(m.value)
+        out[name] = Measured(value, join(m.count) if kind == "single_noreduce_wcount" else m.count.sum(0))
+    return out
+
+
 def __getattr__(name: str):  # the host side, re-exported lazily (metrics_host imports this module)
     if name in ("to_host", "aggregate_host", "add_perplexity", "perplexity_key"):
         return getattr(importlib.import_module(".metrics_host", __package__), name)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config.train import TrainConfig
 from ..data.batch import Batch
-from ..parallel import batch_axes, dotted_path, one_at_a_time, parameter_specs
+from ..parallel import batch_axes, check_mesh_axes, dotted_path, one_at_a_time, parameter_specs
 from .loss import INTERMEDIATES_PREFIX, lm_eval_loss, lm_loss
 from .metrics import (
     LogModes,
@@ -32,6 +32,7 @@ from .metrics import (
     accumulate,
     as_eval_log_modes,
     merge_metrics,
+    merge_micro_batches,
     reduce_measured,
 )
 from .state import TrainState
@@ -76,7 +77,13 @@ def make_train_step(
     the update). ``train_step.lower(state, batch)`` lowers the jitted update, which skips that check (absent with
     ``debug``, where nothing is jitted).
     """
+    check_mesh_axes(mesh)
     micro_batches = config.gradient_accumulate_steps
+    if modes is not None and not isinstance(modes, Mapping):
+        raise TypeError(
+            f"make_train_step(modes=...) maps metric names to their modes (e.g. {{'loss': ('mean', 'max')}}), got "
+            f"{modes!r}; modes for every metric are TrainConfig.default_train_log_modes"
+        )
     own_modes = dict(LogModes(modes).per_metric)  # checked here, at build time
 
     def step_modes(measured: Mapping[str, Measured]) -> dict[str, tuple[str, ...]]:
@@ -106,18 +113,26 @@ def make_train_step(
         else:
             micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
             take = lambda i: jax.tree.map(lambda x: x[i], micro)  # noqa: E731
+            grads, first = grads_of(take(0), 0)
             if config.gradient_accumulate_scan:
                 # The carry starts from micro-batch 0's real sums (not zeros), so its types, including which
                 # mesh axes it varies over inside shard_map, are those of the body's output.
 
-                def body(carry, i):
-                    return jax.tree.map(jnp.add, carry, grads_of(take(i), i)), None
+                def body(grads, i):
+                    more, measured = grads_of(take(i), i)
+                    return jax.tree.map(jnp.add, grads, more), measured
 
-                (grads, measured), _ = lax.scan(body, grads_of(take(0), 0), jnp.arange(1, micro_batches))
+                grads, rest = lax.scan(body, grads, jnp.arange(1, micro_batches))
+                stacked = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
             else:
-                grads, measured = grads_of(take(0), 0)
+                each = [first]
                 for i in range(1, micro_batches):
-                    grads, measured = jax.tree.map(jnp.add, (grads, measured), grads_of(take(i), i))
+                    more, measured = grads_of(take(i), i)
+                    grads = jax.tree.map(jnp.add, grads, more)
+                    each.append(measured)
+                stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *each)
+            # summed, except per-example values, which are joined in row order
+            measured = merge_micro_batches(stacked, step_modes(first))
         if config.check_for_nan and "loss" not in measured:
             raise ValueError(f"train.check_for_nan needs the loss_fn to measure 'loss'; it measured {sorted(measured)}")
         return grads, reduce_measured(measured, step_modes(measured), rows_axes)
@@ -204,6 +219,7 @@ def make_eval_step(
     ``eval_step.batch_step(params, batch) -> metrics`` is the jitted program of one batch (e.g. for ``.lower``),
     without the batch check that ``eval_step`` runs first;
     ``eval_step`` folds its result into ``metrics`` with the jitted :func:`~.metrics.merge_metrics`."""
+    check_mesh_axes(mesh)
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
     eval_modes = as_eval_log_modes(modes)
 
