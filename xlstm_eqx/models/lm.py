@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Integer, PRNGKeyArray
 
 from ..config import ModelConfig
 from .block import XLSTMBlock
@@ -29,10 +29,16 @@ REMAT_POLICIES = {
 }
 
 
+def outside_vocab(ids: Integer[Array, "*shape"], vocab_size: int) -> Bool[Array, "*shape"]:
+    """Which ids lie outside [0, vocab_size), compared in at least 32 bits: in a narrow or unsigned id dtype
+    (uint8 bytes, int16) ``vocab_size`` itself would wrap (uint8: 256 → 0, flagging every id)."""
+    wide = ids.astype(jnp.int64 if jnp.dtype(ids.dtype).itemsize == 8 else jnp.int32)
+    return (wide < 0) | (wide >= vocab_size)
+
+
 def check_token_range(tokens: Int[Array, "*shape"], vocab_size: int) -> Int[Array, "*shape"]:
     """``tokens``, raising ``EquinoxRuntimeError`` (eagerly or from inside jit) if any id is outside [0, vocab)."""
-    outside = (tokens < 0) | (tokens >= vocab_size)
-    return eqx.error_if(tokens, outside, f"token id outside [0, vocab_size={vocab_size})")
+    return eqx.error_if(tokens, outside_vocab(tokens, vocab_size), f"token id outside [0, vocab_size={vocab_size})")
 
 
 class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name

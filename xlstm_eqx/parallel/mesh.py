@@ -35,6 +35,19 @@ def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def check_mesh_axes(mesh: Mesh) -> Mesh:
+    """``mesh``, or ValueError naming the axes missing or unknown: the steps need exactly the axes
+    ``('data', 'fsdp', 'model')`` (size 1 where unused), as :func:`make_mesh` builds them."""
+    names = tuple(mesh.axis_names)
+    missing, unknown = [a for a in AXES if a not in names], [a for a in names if a not in AXES]
+    if missing or unknown:
+        raise ValueError(
+            f"mesh axes {names}: missing {missing}, unknown {unknown}; the steps need a mesh with exactly the axes "
+            f"{AXES} (size 1 where unused), e.g. xlstm_eqx.parallel.make_mesh(MeshConfig(data=...))"
+        )
+    return mesh
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The batch axes (of data, fsdp) that split the batch on ``mesh``: those of size > 1.
 

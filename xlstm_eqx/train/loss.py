@@ -48,7 +48,7 @@ def target_scores(
     XLA fuses (a gather's gradient is a scatter-add), and a float max is a vectorised reduction where XLA:CPU's
     argmax (a variadic value/index reduction) is not. Together 4× faster forward + backward on CPU.
     """
-    ids = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    ids, targets = jnp.arange(logits.shape[-1], dtype=jnp.int32), targets.astype(jnp.int32)  # uint8 ids: no wrap
     onehot = ids == targets[..., None]
     target_logit = jnp.sum(jnp.where(onehot, logits, jnp.zeros((), logits.dtype)), axis=-1)
     top = jnp.max(lax.stop_gradient(logits), axis=-1)

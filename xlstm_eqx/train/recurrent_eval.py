@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from ..config.train import TrainConfig
 from ..data.batch import Batch, document_starts
 from ..models.kernels import MLSTMState
-from ..parallel import TP_AXIS, batch_axes, batch_spec, one_at_a_time, parameter_specs
+from ..parallel import TP_AXIS, batch_axes, batch_spec, check_mesh_axes, one_at_a_time, parameter_specs
 from .loss import ChunkMeasure, lm_measure, measure_in_slices
 from .metrics import ModesSpec, accumulate, as_eval_log_modes, merge_metrics, reduce_measured
 from .state import TrainState
@@ -61,6 +61,7 @@ def make_recurrent_eval_step(
     :func:`make_eval_step` does. The jitted per-chunk step, without the token check, is the returned function's
     ``chunk_step`` attribute, for inspection.
     """
+    check_mesh_axes(mesh)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     if logits_slice is not None and logits_slice < 1:

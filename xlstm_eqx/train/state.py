@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int, PRNGKeyArray
 
-from ..parallel import named, optimizer_state_specs, parameter_specs
+from ..parallel import check_mesh_axes, named, optimizer_state_specs, parameter_specs
 
 
 class TrainState(eqx.Module):
@@ -40,6 +40,7 @@ def split_model(model: eqx.Module) -> tuple[Any, Any]:
 
 def state_shardings(state_shapes: TrainState, mesh: Mesh, fsdp_min_weight_size: int) -> TrainState:
     """NamedShardings for every leaf of a TrainState (from its shapes)."""
+    check_mesh_axes(mesh)
     param_specs = parameter_specs(state_shapes.params, mesh, fsdp_min_weight_size)
     opt_specs = optimizer_state_specs(state_shapes.opt_state, state_shapes.params, param_specs)
     replicated = NamedSharding(mesh, P())

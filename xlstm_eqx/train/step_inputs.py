@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ..data.batch import Batch
+from ..models.lm import outside_vocab
 from ..parallel import FSDP_AXIS, TP_AXIS, batch_axes, batch_parallel_size, batch_spec, one_at_a_time
 
 
@@ -85,9 +86,9 @@ def check_tokens(batch: Batch, *, vocab: int, mesh: Mesh) -> Batch:
     message = f"token id outside [0, vocab_size={vocab}) in batch.inputs, or in batch.targets where loss_mask is set"
 
     def local_check(batch: Batch) -> jax.Array:
-        bad = lambda ids: (ids < 0) | (ids >= vocab)  # noqa: E731
         scored = batch.loss_mask.astype(bool)
-        outside = jnp.sum((bad(batch.inputs) | (bad(batch.targets) & scored)).astype(jnp.int32))
+        bad = outside_vocab(batch.inputs, vocab) | (outside_vocab(batch.targets, vocab) & scored)
+        outside = jnp.sum(bad.astype(jnp.int32))
         if rows_axes:
             outside = lax.psum(outside, rows_axes)
         zero = eqx.error_if(jnp.zeros((), batch.inputs.dtype), outside > 0, message)
