@@ -165,6 +165,17 @@ def test_same_key_same_sample_other_key_differs(model):
     np.testing.assert_array_equal(numpy_ints, first)
 
 
+def test_python_ints_and_numpy_prompts_are_accepted_where_floats_and_jax_arrays_are(model, prompt, greedy):
+    """``temperature=0`` / ``top_p=1`` and a numpy prompt pass the runtime type checker and mean what 0.0 / 1.0
+    and the jax array do."""
+    np_prompt = np.asarray(prompt)
+    for fn in (generate, generate_jit):
+        np.testing.assert_array_equal(fn(model, np_prompt, NUM_TOKENS, key=jax.random.key(3), temperature=0), greedy)
+    as_ints = generate_jit(model, prompt, NUM_TOKENS, key=jax.random.key(7), temperature=1, top_p=1)
+    as_floats = generate_jit(model, prompt, NUM_TOKENS, key=jax.random.key(7), temperature=1.0, top_p=1.0)
+    np.testing.assert_array_equal(as_ints, as_floats)
+
+
 def test_sample_text_with_the_shipped_tokenizer(model):
     tokenizer = Tokenizer.load()
     assert tokenizer.vocab_size == TINY.vocab_size and tokenizer.eod_id == 0

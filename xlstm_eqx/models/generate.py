@@ -29,6 +29,7 @@ from .lm import xLSTMLM
 __all__ = ["generate", "generate_jit", "sample_text"]
 
 IntLike = int | np.integer  # numpy integers are taken as the Python ints they equal (static under jit)
+FloatLike = float | int  # temperature=1 and top_p=1 as well as 1.0 (a runtime type checker tells them apart)
 
 
 def _is_int(value: object) -> bool:
@@ -48,12 +49,12 @@ def _static_int(value: IntLike | None) -> int | None:
 
 def check_generate_args(
     model: xLSTMLM,
-    prompt: Array,
+    prompt: Array | np.ndarray,
     num_tokens: IntLike,
-    temperature: float,
+    temperature: FloatLike,
     top_k: IntLike | None,
     eod_id: IntLike | None = None,
-    top_p: float | None = None,
+    top_p: FloatLike | None = None,
 ) -> bool:
     """Raise ``ValueError``/``TypeError`` naming the offending argument. The prompt's token ids are checked here
     when the prompt is concrete; a traced prompt is checked on device by the model's forward instead. Returns
@@ -159,14 +160,14 @@ def _generate(
 
 def generate(
     model: xLSTMLM,
-    prompt: Int[Array, " p"],
+    prompt: Int[Array | np.ndarray, " p"],
     num_tokens: IntLike,
     *,
     key: PRNGKeyArray,
-    temperature: float = 1.0,
+    temperature: FloatLike = 1.0,
     top_k: IntLike | None = None,
     eod_id: IntLike | None = None,
-    top_p: float | None = None,
+    top_p: FloatLike | None = None,
 ) -> Int[Array, " num_tokens"]:
     """``num_tokens`` token ids (int32) continuing ``prompt`` (a 1-D array of ids, at least one).
 
@@ -183,7 +184,8 @@ def generate(
     """
     checked = check_generate_args(model, prompt, num_tokens, temperature, top_k, eod_id, top_p)
     num_tokens, top_k, eod_id = _static_int(num_tokens), _static_int(top_k), _static_int(eod_id)
-    return _generate(model, prompt, num_tokens, key, float(temperature), top_k, eod_id, top_p, not checked)
+    top_p = None if top_p is None else float(top_p)
+    return _generate(model, jnp.asarray(prompt), num_tokens, key, float(temperature), top_k, eod_id, top_p, not checked)
 
 
 _generate_compiled = eqx.filter_jit(_generate)  # arrays traced; Python scalars (the settings) static
@@ -191,14 +193,14 @@ _generate_compiled = eqx.filter_jit(_generate)  # arrays traced; Python scalars 
 
 def generate_jit(
     model: xLSTMLM,
-    prompt: Int[Array, " p"],
+    prompt: Int[Array | np.ndarray, " p"],
     num_tokens: IntLike,
     *,
     key: PRNGKeyArray,
-    temperature: float = 1.0,
+    temperature: FloatLike = 1.0,
     top_k: IntLike | None = None,
     eod_id: IntLike | None = None,
-    top_p: float | None = None,
+    top_p: FloatLike | None = None,
 ) -> Int[Array, " num_tokens"]:
     """:func:`generate`, compiled: arguments are checked eagerly, then one jitted call does the prefill and the
     scan. Recompiles for a new prompt length, ``num_tokens``, ``temperature``, ``top_k`` or ``eod_id``."""
@@ -215,7 +217,7 @@ def sample_text(
     num_tokens: int,
     *,
     key: PRNGKeyArray,
-    temperature: float = 0.8,
+    temperature: FloatLike = 0.8,
     top_k: int | None = 40,
 ) -> str:
     """``prompt_text`` followed by ``num_tokens`` sampled tokens, decoded as one string.
