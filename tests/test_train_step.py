@@ -117,6 +117,9 @@ def test_sharded_equals_single_device(single_device, mesh_shape):
     for step, ref_step in zip(history, ref_history):
         for name in ("loss_mean", "accuracy_mean", "grad_norm_mean", "param_norm"):
             assert step[name] == pytest.approx(ref_step[name], rel=1e-5), name
+        # make_batch: 8 rows of 24 positions, two documents and 21 scored targets per row, on every mesh
+        batch_stats = ("token_utilization_mean", "tokens_per_batch_mean", "documents_per_batch_mean")
+        assert [step[k] for k in batch_stats] == [ref_step[k] for k in batch_stats] == [21 / 24, 168, 16]
     for name in ("loss", "accuracy"):
         assert evaluation[name] == pytest.approx(ref_evaluation[name], rel=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
@@ -192,6 +195,7 @@ def test_accumulation_equals_one_big_batch():
         for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(big)):
             assert relative(a, b) <= 1e-6, f"scan={scan}"
         for metrics in (history[0], ref_history[0]):
+            assert (metrics["tokens_per_batch_mean"], metrics["documents_per_batch_mean"]) == (168, 16)  # one step
             np.testing.assert_array_equal(metrics["row_sum_single_noreduce"], row_sums)
             values, counts = metrics["row_sum_w_single_noreduce_wcount"]
             np.testing.assert_array_equal(values, row_sums)

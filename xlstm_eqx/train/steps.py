@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config.train import TrainConfig
 from ..data.batch import Batch
-from ..parallel import batch_axes, check_mesh_axes, dotted_path, one_at_a_time, parameter_specs
+from ..parallel import batch_axes, batch_parallel_size, check_mesh_axes, dotted_path, one_at_a_time, parameter_specs
 from .loss import INTERMEDIATES_PREFIX, lm_eval_loss, lm_loss
 from .metrics import (
     LogModes,
@@ -87,7 +87,8 @@ def make_train_step(
     own_modes = dict(LogModes(modes).per_metric)  # checked here, at build time
 
     def step_modes(measured: Mapping[str, Measured]) -> dict[str, tuple[str, ...]]:
-        return {**_train_modes(measured, config), **{k: v for k, v in own_modes.items() if k in measured}}
+        fixed = {name: ("mean",) for name in BATCH_STATISTICS if name in measured}
+        return {**_train_modes(measured, config), **fixed, **{k: v for k, v in own_modes.items() if k in measured}}
 
     tp_axis, rows_axes = tp_axis_of(mesh), batch_axes(mesh)
 
@@ -135,6 +136,7 @@ def make_train_step(
             measured = merge_micro_batches(stacked, step_modes(first))
         if config.check_for_nan and "loss" not in measured:
             raise ValueError(f"train.check_for_nan needs the loss_fn to measure 'loss'; it measured {sorted(measured)}")
+        measured = {**measured, **batch_statistics(batch, batch_parallel_size(mesh))}
         return grads, reduce_measured(measured, step_modes(measured), rows_axes)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
@@ -187,6 +189,27 @@ def make_train_step(
     if not config.debug:
         checked_train_step.lower = program.lower
     return checked_train_step
+
+
+BATCH_STATISTICS = ("token_utilization", "tokens_per_batch", "documents_per_batch")
+
+
+def batch_statistics(batch: Batch, shards: int) -> dict[str, Measured]:
+    """The train step's batch statistics, logged with mode ``mean`` (``<name>_mean``): ``token_utilization``
+    (scored targets ÷ positions), ``tokens_per_batch`` (scored targets) and ``documents_per_batch`` (documents
+    in the rows, a document split over rows counted in each) of one optimizer step's global batch. Each device
+    measures its rows with count ``1 / shards`` (``shards`` = data × fsdp), so the sum over devices counts one
+    step, whatever the mesh."""
+    scored = jnp.sum(batch.loss_mask.astype(jnp.float32))
+    segments = batch.segment_ids
+    previous = jnp.concatenate([jnp.zeros_like(segments[:, :1]), segments[:, :-1]], axis=1)
+    starts = (segments > 0) & (segments != previous)  # a row's first position follows "padding" (id 0)
+    per_step = jnp.asarray(1.0 / shards, jnp.float32)
+    return {
+        "token_utilization": Measured(scored, jnp.asarray(segments.size, jnp.float32)),
+        "tokens_per_batch": Measured(scored, per_step),
+        "documents_per_batch": Measured(jnp.sum(starts.astype(jnp.float32)), per_step),
+    }
 
 
 def _train_modes(measured: dict, config: TrainConfig) -> dict[str, tuple[str, ...]]:
