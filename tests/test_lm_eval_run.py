@@ -41,8 +41,10 @@ def run(corpus, tmp_path_factory):
     from xlstm_eqx.loop.job import train_job
 
     run_dir = tmp_path_factory.mktemp("lm_eval_run") / "run"
-    config = job_config(corpus, run_dir, "loop.num_train_steps=4", "loop.check_val_every_n_steps=4",
-                        "checkpoint.every_n_steps=4", *LM_EVAL)  # fmt: skip
+    # mode=max makes the worse validation (step 2) the "best" checkpoint, so the test runs on another step
+    config = job_config(corpus, run_dir, "loop.num_train_steps=4", "loop.check_val_every_n_steps=2",
+                        "checkpoint.every_n_steps=4", "checkpoint.monitor=loss", "checkpoint.mode=max",
+                        *LM_EVAL)  # fmt: skip
     return run_dir, train_job(config)
 
 
@@ -66,7 +68,7 @@ def test_the_job_scores_its_tested_checkpoint_and_logs_lmeval_metrics(run):
     assert "lmeval_shakespeare_cloze_acc" not in (run_dir / "metrics_val.csv").read_text()  # at_validation off
     assert "lm-eval results:" in (run_dir / "output.log").read_text()
     (saved,) = (run_dir / "lm_eval").iterdir()
-    assert saved.name == "test_step4"
+    assert summary["test_checkpoint_step"] == 2 and saved.name == "test_step2"  # named after the scored checkpoint
     for task in ("shakespeare_cloze", "shakespeare_next_line", "shakespeare_ppl"):
         (samples,) = saved.glob(f"samples_{task}_*.jsonl")
         assert len(samples.read_text().splitlines()) == 2  # limit_requests
@@ -78,7 +80,7 @@ def test_the_job_scores_its_tested_checkpoint_and_logs_lmeval_metrics(run):
 
 def test_token_perplexity_is_derived_from_the_rolling_loglikelihoods(run):
     run_dir, summary = run
-    (samples,) = (run_dir / "lm_eval" / "test_step4").glob("samples_shakespeare_ppl_*.jsonl")
+    (samples,) = (run_dir / "lm_eval" / "test_step2").glob("samples_shakespeare_ppl_*.jsonl")
     tokenizer = Tokenizer.load()
     total = tokens = 0.0
     for sample in map(json.loads, samples.read_text().splitlines()):

@@ -179,7 +179,8 @@ def lm_eval_hook(
                                   mesh=mesh, fsdp_min_weight_size=fsdp_min_weight_size))  # fmt: skip
         lm = built[0]
         lm.set_params(event.state.params)
-        where = None if output_dir is None else Path(output_dir) / f"{event.kind.split('_')[0]}_step{event.step}"
+        step = event.metrics.get("checkpoint_step", event.step)  # a test runs on the checkpoint it names
+        where = None if output_dir is None else Path(output_dir) / f"{event.kind.split('_')[0]}_step{step}"
         return [Log(run_lm_eval(lm, config, output_dir=where).metrics)]
 
     return on(kinds, hook)
