@@ -193,3 +193,16 @@ def test_wrong_shapes_fail_with_named_dimension(getkey):
     q, k, v, i, f, _, _ = make_inputs(getkey(), 10)
     with pytest.raises(TypeCheckError, match="parameter 'k'"):
         parallel(q, k[:, :3], v, i, f)
+
+
+def test_row_max_differentiates_like_jnp_max_ties_included(x64):
+    """The stabilisers' row max (whose JVP floors the tie count at 1, see ``row_max``) has jnp.max's gradient."""
+    from xlstm_eqx.models.kernels.common import row_max
+
+    x = jnp.array([[1.0, 3.0, 3.0, -jnp.inf], [2.0, -1.0, 0.5, 0.25], [-jnp.inf, 0.0, -jnp.inf, -jnp.inf]])
+    weights = jnp.array([0.5, -2.0, 3.0])
+    for fn in (jax.grad, lambda f: jax.jit(jax.grad(f))):  # jit: XLA is free to recompute x for the equality
+        ours = fn(lambda x: jnp.sum(weights * row_max(x)))(x)
+        reference = jax.grad(lambda x: jnp.sum(weights * jnp.max(x, axis=-1)))(x)
+        np.testing.assert_array_equal(ours, reference)
+    np.testing.assert_array_equal(row_max(x), jnp.max(x, axis=-1))

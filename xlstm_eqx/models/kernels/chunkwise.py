@@ -20,6 +20,7 @@ from .common import (
     log_forget,
     pairwise_log_decay,
     resets_so_far,
+    row_max,
     vary_like,
     zero_state,
 )
@@ -82,7 +83,7 @@ def _run_chunks(q, k, v, i_preact, f_preact, reset, state: MLSTMState, eps: floa
     write_log = decay_to_end + i_preact
     if reaches_end is not None:
         write_log = jnp.where(reaches_end, write_log, neg_inf)
-    write_max = jnp.max(write_log, axis=-1)
+    write_max = row_max(write_log)
     write_weight = jnp.exp(write_log - write_max[:, None])
     weighted_k = k * write_weight[..., None]
     delta_C = contract_positions(weighted_k, v)
@@ -127,7 +128,7 @@ def _chunk_states(
     initial_log = jnp.cumsum(chunk_decay) + state.m
     if initial_reaches is not None:
         initial_log = jnp.where(initial_reaches, initial_log, neg_inf)
-    m_end = jnp.maximum(initial_log, jnp.max(end_log, axis=-1))
+    m_end = jnp.maximum(initial_log, row_max(end_log))
     weights = jnp.exp(end_log - m_end[:, None])
     initial_weight = jnp.exp(initial_log - m_end)
     C_end = initial_weight[:, None, None] * state.C + jnp.einsum("cj,jde->cde", weights, delta_C)

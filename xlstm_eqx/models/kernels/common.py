@@ -71,6 +71,27 @@ def read_out(
     return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
 
 
+@jax.custom_jvp
+def row_max(x: Float[Array, "*rows n"]) -> Float[Array, "*rows"]:
+    """``jnp.max(x, axis=-1)`` for stabilisers, with a JVP that cannot divide by zero.
+
+    ``jnp.max``'s rule sends the tangent to the entries equal to the max and divides by their count. Under
+    ``jit`` XLA may compute ``x`` once for the max and again, fused differently, for that equality; when the two
+    differ in the last bit no entry matches and the gradient is 0/0 = NaN (seen with the parallel kernel: NaN
+    gate gradients for a one-row batch, finite op by op). Here the count is at least 1: such a row's share is
+    dropped instead, which moves only the stabiliser's own (eps-sized, see ``read_out``) gradient.
+    """
+    return jnp.max(x, axis=-1)
+
+
+@row_max.defjvp
+def _row_max_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    top = jnp.max(x, axis=-1)
+    at_top = (x == top[..., None]).astype(x.dtype)
+    return top, jnp.sum(at_top * dx, axis=-1) / jnp.maximum(jnp.sum(at_top, axis=-1), 1.0)
+
+
 def log_forget(f_preact: Array) -> Array:
     """Log of the sigmoid forget gate; always ≤ 0, so cumulative sums of it are monotone."""
     return jax.nn.log_sigmoid(f_preact)

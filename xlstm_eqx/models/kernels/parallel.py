@@ -12,6 +12,7 @@ from .common import (
     pairwise_log_decay,
     read_out,
     resets_so_far,
+    row_max,
     zero_state,
 )
 
@@ -51,7 +52,7 @@ def parallel(
     carry_log_scale = jnp.cumsum(lf) + state.m  # log-scale of the initial state seen from row t
     if carry_visible is not None:
         carry_log_scale = jnp.where(carry_visible, carry_log_scale, neg_inf)
-    m = jnp.maximum(carry_log_scale, jnp.max(log_d, axis=-1))
+    m = jnp.maximum(carry_log_scale, row_max(log_d))
 
     q_scaled = q * (dk**-0.5)
     scores = (q_scaled @ k.T) * jnp.exp(log_d - m[:, None])
