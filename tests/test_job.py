@@ -75,6 +75,10 @@ def test_run_directory_of_another_model_is_refused_and_kept(corpus, tmp_path):
         train_job(job_config(corpus, run, "model.embedding_dim=48", "checkpoint.monitor=null"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     assert json.loads((run / "status.json").read_text())["status"] == "error"
+    # the same weights under another execution policy resume
+    resumed = train_job(job_config(corpus, run, "loop.num_train_steps=6", "loop.check_val_every_n_steps=-1",
+                                   "checkpoint.monitor=null", "model.remat=none", "model.kernel=parallel"))  # fmt: skip
+    assert (resumed["status"], resumed["resumed_from_step"], resumed["steps"]) == ("success", 5, 6)
 
 
 def test_checkpoints_without_optimizer_state_resume_on_schedule(corpus, tmp_path):

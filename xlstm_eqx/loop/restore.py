@@ -20,6 +20,7 @@ from ..config.parsing import ConfigError
 from ..config.run import CheckpointConfig
 from ..io.checkpoint import Checkpointer, CheckpointError, read_checkpoint_meta
 from ..models import build
+from ..models.lm import EXECUTION_POLICY_FIELDS
 from ..parallel import make_mesh
 from ..train.optim import build_optimizer, set_optimizer_step_count
 from ..train.state import TrainState, abstract_state, init
@@ -43,13 +44,16 @@ def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
 
 
 def model_config_check(config: Config, where: str | Path):
-    """A ``check_meta`` for resuming: the checkpoint must hold the same model config as this run."""
+    """A ``check_meta`` for resuming: the checkpoint must hold the same model config as this run, up to its
+    execution policy (``EXECUTION_POLICY_FIELDS``: kernel, chunk size, compute dtype, remat, …), which changes how
+    the same weights run, not what they are (e.g. resuming a CPU run on a GPU with another kernel)."""
 
     def check(meta: dict[str, Any]) -> None:
         saved = meta.get("config", {}).get("model")
         if saved is None:
             raise CheckpointError(f"the checkpoint in {where} has no model config in its meta")
-        differences = _differences(saved, to_dict(config.model), "model")
+        weights_only = lambda fields: {k: v for k, v in fields.items() if k not in EXECUTION_POLICY_FIELDS}  # noqa: E731
+        differences = _differences(weights_only(saved), weights_only(to_dict(config.model)), "model")
         if differences:
             raise ConfigError(
                 "model",
