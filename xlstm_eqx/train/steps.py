@@ -136,7 +136,7 @@ def make_train_step(
             measured = merge_micro_batches(stacked, step_modes(first))
         if config.check_for_nan and "loss" not in measured:
             raise ValueError(f"train.check_for_nan needs the loss_fn to measure 'loss'; it measured {sorted(measured)}")
-        measured = {**measured, **batch_statistics(batch, batch_parallel_size(mesh))}
+        measured = {**batch_statistics(batch, batch_parallel_size(mesh)), **measured}  # a loss_fn's own names win
         return grads, reduce_measured(measured, step_modes(measured), rows_axes)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
