@@ -35,7 +35,9 @@ _HF_DEFAULTS: dict[str, Any] = dict(
     output_logit_soft_cap=30.0,
     weight_mode="single",
 )
-# Fields that only steer transformers' torch execution: ignored on load, written with these values.
+HF_CACHE_QK_MULTIPLE = 64
+# Fields that only steer transformers' torch execution: ignored on load, written with these values (use_cache only
+# where transformers' cache fits the model, see model_config_to_hf).
 _HF_EXECUTION: dict[str, Any] = dict(
     norm_reduction_force_float32=True,
     chunkwise_kernel="chunkwise--native_autograd",
@@ -152,4 +154,7 @@ def model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "autocast_kernel_dtype": c.compute_dtype if c.compute_dtype in ("float32", "bfloat16") else "float32",
         "dtype": c.param_dtype,
         **_HF_EXECUTION,
+        # transformers' xLSTMCache sizes its memory with the qk dim rounded up to 64, which breaks decoding with
+        # a cache (transformers' default) for any other qk dim: such a model is written to decode without one
+        "use_cache": c.qk_dim % HF_CACHE_QK_MULTIPLE == 0,
     }

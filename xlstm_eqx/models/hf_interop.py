@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -212,7 +213,8 @@ def export_hf_checkpoint(
     of the shipped tokenizer (EOD 0, pad 1), so that ``generate`` stops at the end of a document.
     ``hf_fields`` add to or replace ``config.json`` entries. A tied head is written
     as a copy of the embedding (transformers does not tie); norm biases of a ``use_bias`` model are
-    written as zeros. Loading the result gives back ``model`` bit for bit.
+    written as zeros. Loading the result gives back ``model`` bit for bit. ``use_cache`` is written false (with a
+    warning) where embedding_dim × qk_dim_factor is not a multiple of 64, which transformers' xLSTMCache needs.
     """
     config, directory = model.config, Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -221,6 +223,12 @@ def export_hf_checkpoint(
         ids = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
         hf_fields = {**ids, **hf_fields}
     hf_config = {**model_config_to_hf(config), **hf_fields}
+    if not hf_config["use_cache"]:
+        logging.getLogger(__name__).warning(
+            "exported with use_cache=false: transformers' xLSTMCache needs embedding_dim * qk_dim_factor "
+            "(here %d) to be a multiple of 64, so its generate() recomputes the whole sequence at every step",
+            config.qk_dim,
+        )
     dtype = np.dtype(jnp.dtype(config.param_dtype))
     tensors: dict[str, np.ndarray] = {}
     for p in _param_table(config, model):
