@@ -2,6 +2,7 @@
 and all steps on one mesh share it."""
 
 import functools
+import inspect
 import re
 
 import jax
@@ -99,5 +100,8 @@ def test_a_mesh_without_the_three_axes_is_refused_naming_them():
 
 def test_train_step_modes_must_be_a_mapping():
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    with pytest.raises(TypeError, match=r"modes[\s\S]*'max'"):  # the type checker's message, or ours
+    with pytest.raises(TypeError, match=r"parameter 'modes'[\s\S]*'max'"):  # the runtime type checker's
         make_train_step(None, optax.sgd(0.1), mesh, modes="max")
+    unchecked = inspect.unwrap(make_train_step)  # what a user without runtime type checking calls
+    with pytest.raises(TypeError, match=r"make_train_step\(modes=...\) maps metric names to their modes .* got 'max'"):
+        unchecked(None, optax.sgd(0.1), mesh, modes="max")

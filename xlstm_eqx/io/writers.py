@@ -39,18 +39,17 @@ def drop_torn_last_line(path: Path) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     with path.open("rb+") as file:
-        end = file.seek(0, os.SEEK_END)
-        cut, block = end, 1 << 16
-        while cut > 0:  # backwards, block by block, to the last newline
-            start = max(cut - block, 0)
+        file.seek(-1, os.SEEK_END)
+        if file.read(1) == b"\n":
+            return
+        cut = file.tell()
+        while cut > 0:  # backwards, 64 KiB at a time, to the last newline
+            start = max(cut - (1 << 16), 0)
             file.seek(start)
             newline = file.read(cut - start).rfind(b"\n")
+            cut = start if newline < 0 else start + newline + 1
             if newline >= 0:
-                if start + newline == end - 1:
-                    return
-                cut = start + newline + 1
                 break
-            cut = start
         file.seek(cut)
         fragment = file.read(80)
         file.truncate(cut)

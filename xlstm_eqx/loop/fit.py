@@ -209,7 +209,7 @@ def fit(
             info("%s: %s", mode, ", ".join(f"{k} {v:,}" for k, v in row.items()))
         if val_data is not None:
             check_eval_step(eval_step, state, val_data)
-    stop = emit("train_start") or (ran_out() if batch is None and step < total else None)
+    stop = emit("train_start")
     bar = tqdm(
         total=total,
         initial=step,
@@ -220,6 +220,9 @@ def fit(
     )
     running, first, last_val, tick = None, True, -1, time.perf_counter()
     while stop is None and step < total:
+        if batch is None:  # the stream ended before the planned total
+            stop = ran_out()
+            break
         if step % per_epoch == 0:
             epoch_start = time.perf_counter()
             info("epoch %d starts at step %d", step // per_epoch + 1, step)
@@ -264,8 +267,6 @@ def fit(
                 else:
                     results[f"val_epoch_{epoch}"], stop = validate("epoch")
                     last_val = step
-        if stop is None and batch is None and step < total:
-            stop = ran_out()
     bar.close()
     if running is not None:  # a hook stopped the run inside a log interval: its steps still get their row
         write("train", step, max(step - 1, 0) // per_epoch + 1, train_row(running))

@@ -36,8 +36,8 @@ _HF_DEFAULTS: dict[str, Any] = dict(
     weight_mode="single",
 )
 HF_CACHE_QK_MULTIPLE = 64
-# Fields that only steer transformers' torch execution: ignored on load, written with these values (use_cache only
-# where transformers' cache fits the model, see model_config_to_hf).
+# Fields that only steer transformers' torch execution: ignored on load, written with these values (use_cache is
+# written by model_config_to_hf: true only where transformers' cache fits the model).
 _HF_EXECUTION: dict[str, Any] = dict(
     norm_reduction_force_float32=True,
     chunkwise_kernel="chunkwise--native_autograd",
@@ -45,7 +45,6 @@ _HF_EXECUTION: dict[str, Any] = dict(
     sequence_kernel="native_sequence__native",
     mode="inference",
     return_last_states=True,
-    use_cache=True,
     inference_state_dtype="float32",
     max_inference_chunksize=16384,
     # the shipped tokenizer's ids: EOD (<|endoftext|>, 0) starts and ends documents, <pad> is 1

@@ -312,10 +312,10 @@ def merge_micro_batches(stacked: Mapping[str, Measured], modes: ModesSpec) -> di
     values, and ``single_noreduce_wcount`` values and counts.
     """
     modes = as_log_modes(modes)
+    join = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (micro, rows, ...) -> (micro · rows, ...)
     out = {}
     for name, m in stacked.items():
         kind = _reduction(name, modes.of(name))
-        join = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (micro, rows, ...) -> (micro · rows, ...)
         value = m.value.sum(0) if kind == "sum" else join(m.value)
         out[name] = Measured(value, join(m.count) if kind == "single_noreduce_wcount" else m.count.sum(0))
     return out

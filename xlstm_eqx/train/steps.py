@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ..config.train import TrainConfig
-from ..data.batch import Batch
+from ..data.batch import Batch, document_starts
 from ..parallel import batch_axes, batch_parallel_size, check_mesh_axes, dotted_path, one_at_a_time, parameter_specs
 from .loss import INTERMEDIATES_PREFIX, lm_eval_loss, lm_loss
 from .metrics import (
@@ -202,8 +202,8 @@ def batch_statistics(batch: Batch, shards: int) -> dict[str, Measured]:
     step, whatever the mesh."""
     scored = jnp.sum(batch.loss_mask.astype(jnp.float32))
     segments = batch.segment_ids
-    previous = jnp.concatenate([jnp.zeros_like(segments[:, :1]), segments[:, :-1]], axis=1)
-    starts = (segments > 0) & (segments != previous)  # a row's first position follows "padding" (id 0)
+    first = jnp.arange(segments.shape[1]) == 0  # every row's first position starts a document (or padding)
+    starts = (segments > 0) & (document_starts(segments) | first)
     per_step = jnp.asarray(1.0 / shards, jnp.float32)
     return {
         "token_utilization": Measured(scored, jnp.asarray(segments.size, jnp.float32)),
