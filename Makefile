@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m slow
 
 bench: $(STAMP)
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/cell_kernels.py
 	$(PY) benchmarks/model.py
 	$(PY) benchmarks/step.py
 

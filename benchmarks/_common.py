@@ -62,6 +62,7 @@ def environment() -> dict[str, Any]:
         "devices": f"{len(devices)}x {devices[0].platform}:{devices[0].device_kind}",
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu": cpu_name(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "host_memory": HOST_MEMORY,
         # bfloat16 dot instructions of this CPU (none on plain AVX2), and the kernel model.low_precision_matmul="auto"
@@ -69,6 +70,20 @@ def environment() -> dict[str, Any]:
         "cpu_bf16_dot": sorted(host_cpu_features() & BF16_DOT_CPU_FEATURES),
         "bf16_matmul_auto": "upcast" if upcasts_low_precision_matmul("auto") else "native",
     }
+
+
+def cpu_name() -> str:
+    """'<vendor> <model name>' from /proc/cpuinfo (machine kinds differ in GEMM libraries' speed), else platform's."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() in ("vendor_id", "model name"):
+                    fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return " ".join(fields[k] for k in ("vendor_id", "model name") if k in fields) or platform.processor()
 
 
 def emit(record: dict[str, Any]) -> None:

@@ -25,8 +25,9 @@ SHAPES = {"narrowing": (48, 40), "widening": (40, 96)}
 def _load_hlo_products():
     """benchmarks/hlo_products.py, the HLO-text reader profile_step.py uses, loaded from its file.
 
-    Not through sys.path: benchmarks/ also holds kernels.py, which would shadow the ``kernels`` package that
-    transformers (≥ 5.25) looks up on import, and break every later test that imports transformers.
+    Not through sys.path: a script there named like an installed package would shadow it for every later test
+    (benchmarks/kernels.py once hid the ``kernels`` package that transformers ≥ 5.25 imports; it is now
+    cell_kernels.py).
     """
     path = pathlib.Path(__file__).parents[1] / "benchmarks" / "hlo_products.py"
     spec = importlib.util.spec_from_file_location("hlo_products", path)

@@ -25,11 +25,14 @@ How
     ``"skipped"``) where T²·BH·4 bytes ≥ ``--max-quadratic-gib`` (default 4 GiB).
 
 Usage
-    python benchmarks/kernels.py                       # full sweep (~7 min on 2 cores, ~7 GB peak:
-                                                       #   parallel T=4096 alone takes ~4 min)
-    python benchmarks/kernels.py --max-quadratic-gib 1 # same without parallel T≥4096 (~3 min)
-    python benchmarks/kernels.py --quick               # T 256 1024, 16384 head-tokens
-    python benchmarks/kernels.py --T 256 1024 --kernels chunkwise --modes fwd
+    python benchmarks/cell_kernels.py                        # full sweep (~7 min on 2 cores, ~7 GB peak:
+                                                             #   parallel T=4096 alone takes ~4 min)
+    python benchmarks/cell_kernels.py --max-quadratic-gib 1  # same without parallel T≥4096 (~3 min)
+    python benchmarks/cell_kernels.py --quick                # T 256 1024, 16384 head-tokens
+    python benchmarks/cell_kernels.py --T 256 1024 --kernels chunkwise --modes fwd
+
+    (Not named kernels.py: scripts here run with benchmarks/ first on sys.path, where a kernels.py would shadow
+    the ``kernels`` package that transformers imports, and targets.py's decode peer would fail to load.)
 """
 
 from __future__ import annotations
