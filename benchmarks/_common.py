@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from xlstm_eqx import configure_host_memory
+from xlstm_eqx import configure_host_memory, malloc_uses_huge_pages
 from xlstm_eqx.models.matmul_policy import BF16_DOT_CPU_FEATURES, host_cpu_features, upcasts_low_precision_matmul
 
 # Every benchmark process (children inherit $XLSTM_EQX_HOST_MEMORY) runs under the policy `xlstm-eqx train` uses.
@@ -65,6 +65,7 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_name(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "host_memory": HOST_MEMORY,
+        "malloc_huge_pages": malloc_uses_huge_pages(),  # GLIBC_TUNABLES at start (xlstm_eqx/host_memory.py)
         # bfloat16 dot instructions of this CPU (none on plain AVX2), and the kernel model.low_precision_matmul="auto"
         # picks for bf16 products here: the GEMM in bf16 ("native") or in float32 on upcast operands
         "cpu_bf16_dot": sorted(host_cpu_features() & BF16_DOT_CPU_FEATURES),

@@ -2,7 +2,7 @@
 
 from . import config, data, models, parallel, train
 from .config import Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig, load_config
-from .host_memory import configure_host_memory
+from .host_memory import configure_host_memory, malloc_uses_huge_pages
 from .parallel import make_mesh
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "data",
     "load_config",
     "make_mesh",
+    "malloc_uses_huge_pages",
     "models",
     "parallel",
     "train",
