@@ -173,16 +173,25 @@ def test_bfloat16_gradients_are_as_accurate_as_plain_autodiff(model, tokens, flo
     assert relative_error(ours, autodiff) < 0.02
 
 
-def test_upcast_bfloat16_products_change_only_the_summation_order(model, tokens, float32_and_bfloat16):
-    """The whole bf16 model's loss and gradients with its products upcast to float32 GEMMs equal the native
-    low-precision GEMMs' up to float32 summation order: four orders of magnitude below bfloat16's own error."""
+def test_upcast_bfloat16_products_give_the_same_bfloat16_model(model, tokens, float32_and_bfloat16):
+    """The whole bf16 model with its products upcast to float32 GEMMs computes the native model's loss, and its
+    gradients are as accurate against float32 and far closer to the native ones than bfloat16's own error.
+
+    Not closer: the two GEMMs sum in different orders (AMX's bf16 kernel adds products in pairs), which flips the
+    bfloat16 rounding of a few activations and cotangents, and this model's bf16 gradients jump by up to 6e-3
+    (relative) when one rounding flips: a 1e-6 relative jitter of the head weight moved them by 0 or 6.3e-3 on an
+    Intel AMX machine, against 1.6e-6 in float32. There upcast and native differ by 3.2e-3; where both kernels
+    sum alike (AMD AVX-512) they agreed to 1e-5. Each product's exactness is tested in test_low_precision_products.
+    """
     (_, float32), (native_loss, native) = float32_and_bfloat16
     upcast_loss, upcast = loss_and_grads(
         model.with_policy(compute_dtype="bfloat16", low_precision_matmul="upcast"), tokens
     )
     assert abs(float(upcast_loss - native_loss)) <= 1e-6 * abs(float(native_loss))
-    assert relative_error(native, float32) > 1e-2  # both really ran in bfloat16
-    assert relative_error(upcast, native) <= 1e-5
+    bfloat16_error = relative_error(native, float32)
+    assert bfloat16_error > 1e-2  # both really ran in bfloat16
+    assert abs(relative_error(upcast, float32) - bfloat16_error) <= 0.05 * bfloat16_error
+    assert relative_error(upcast, native) <= 0.25 * bfloat16_error
 
 
 def test_mixed_precision_matmul_is_a_low_precision_product_and_its_gradient():
