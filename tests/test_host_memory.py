@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from xlstm_eqx import configure_host_memory, malloc_uses_huge_pages
-from xlstm_eqx.host_memory import HUGE_PAGE_TUNABLE
+from xlstm_eqx.host_memory import HUGE_PAGE_TUNABLE, huge_page_advice
 
 PAGES_64_MIB = 64 * 2**20 // 4096
 
@@ -89,6 +89,18 @@ def test_huge_page_tunable_is_read_from_the_environment(monkeypatch):
     for value in ("", "glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=10"):
         monkeypatch.setenv("GLIBC_TUNABLES", value)
         assert not malloc_uses_huge_pages(), value
+
+
+def test_huge_page_advice_only_for_a_cpu_backend_without_the_tunable(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    assert HUGE_PAGE_TUNABLE in huge_page_advice("cpu")
+    assert huge_page_advice("gpu") is None
+    monkeypatch.setenv("GLIBC_TUNABLES", HUGE_PAGE_TUNABLE)
+    assert huge_page_advice("cpu") is None
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    assert huge_page_advice("cpu") is None
 
 
 def test_unknown_policy_names_the_variable(monkeypatch):

@@ -13,7 +13,7 @@ import jax
 
 from .config import ConfigError, load_config
 from .data.sources import convert_to_array_record
-from .host_memory import configure_host_memory
+from .host_memory import configure_host_memory, huge_page_advice
 from .io.checkpoint import CheckpointError
 from .loop.logger import LogPathError
 from .models import count_params
@@ -33,6 +33,9 @@ def train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     config = load_config(args.config, args.overrides)  # before joining: a bad config fails every rank alike
     initialize(distributed)
+    advice = huge_page_advice(jax.default_backend())  # after joining: the backend starts here
+    if advice:
+        logging.getLogger("xlstm_eqx").info(advice)
     summary = train_job(config, sample_prompt=args.prompt, sample_tokens=args.sample_tokens)
     sample = summary.pop("sample", None)
     if sample is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from typing import Literal
 
 ENV_VAR = "XLSTM_EQX_HOST_MEMORY"
@@ -61,3 +62,13 @@ def configure_host_memory(policy: Literal["retain", "release"] | None = None) ->
 def malloc_uses_huge_pages() -> bool:
     """Whether this process was started with :data:`HUGE_PAGE_TUNABLE` in ``$GLIBC_TUNABLES`` (colon-separated)."""
     return HUGE_PAGE_TUNABLE in (item.strip() for item in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+
+
+def huge_page_advice(backend: str) -> str | None:
+    """A hint to start with :data:`HUGE_PAGE_TUNABLE`: for the CPU backend on Linux without it, else None."""
+    if backend != "cpu" or not sys.platform.startswith("linux") or malloc_uses_huge_pages():
+        return None
+    return (
+        "XLA:CPU maps its per-step scratch afresh every step: start the process with "
+        f"GLIBC_TUNABLES={HUGE_PAGE_TUNABLE} (as `make train` does) to take it in huge pages, for faster steps"
+    )
