@@ -34,7 +34,12 @@ from typing import Any, NamedTuple
 import jax
 
 from xlstm_eqx import configure_host_memory, malloc_uses_huge_pages
-from xlstm_eqx.models.matmul_policy import BF16_DOT_CPU_FEATURES, host_cpu_features, upcasts_low_precision_matmul
+from xlstm_eqx.models.matmul_policy import (
+    BF16_DOT_CPU_FEATURES,
+    cpuinfo_fields,
+    host_cpu_features,
+    upcasts_low_precision_matmul,
+)
 
 # Every benchmark process (children inherit $XLSTM_EQX_HOST_MEMORY) runs under the policy `xlstm-eqx train` uses.
 HOST_MEMORY = configure_host_memory()
@@ -75,15 +80,7 @@ def environment() -> dict[str, Any]:
 
 def cpu_name() -> str:
     """'<vendor> <model name>' from /proc/cpuinfo (machine kinds differ in GEMM libraries' speed), else platform's."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() in ("vendor_id", "model name"):
-                    fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = cpuinfo_fields(("vendor_id", "model name"))
     return " ".join(fields[k] for k in ("vendor_id", "model name") if k in fields) or platform.processor()
 
 

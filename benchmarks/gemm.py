@@ -32,12 +32,11 @@ import math
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, log  # noqa: E402
-from model import PRESETS, preset_config  # noqa: E402
+from _common import emit, log, time_calls  # noqa: E402
+from model import PRESETS, matmul_weight_shapes, preset_config  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -52,27 +51,14 @@ def step_products(preset: str) -> collections.Counter:
     cfg = preset_config(preset)
     rows = PRESETS[preset]["batch"] * PRESETS[preset]["T"]
     model = eqx.filter_eval_shape(xe.models.build, cfg.model, key=jax.random.key(0))
-    is_linear = lambda x: isinstance(x, eqx.nn.Linear)  # noqa: E731
-    weights = [x.weight.shape for x in jax.tree.leaves(model, is_leaf=is_linear) if is_linear(x)]
-    if model.lm_head is None:  # tied head: the embedding table is the head's weight
-        weights.append(model.embedding.weight.shape)
     counts: collections.Counter = collections.Counter()
-    for shape in weights:
+    for shape in matmul_weight_shapes(model):
         *stacked, d_out, d_in = shape  # scanned blocks stack their layers' weights on leading axes
         layers = math.prod(stacked)
         counts[(rows, d_in, d_out)] += layers  # forward x·Wᵀ
         counts[(rows, d_out, d_in)] += layers  # input gradient g·W
         counts[(d_out, rows, d_in)] += layers  # weight gradient gᵀ·x
     return counts
-
-
-def call_times(call, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def ours_call(shape, precision: str):
@@ -128,7 +114,7 @@ def main() -> None:
                 call(), call()  # compile / warm up
             for _ in range(args.rounds):
                 for side, call in calls.items():
-                    times[side] += call_times(call, args.repeats)
+                    times[side] += time_calls(call, repeats=args.repeats, warmup=0, probe=False)["times_s"]
             flops = 2.0 * shape[0] * shape[1] * shape[2]
             rate = {side: flops / statistics.median(t) / 1e9 for side, t in times.items()}
             for side in rate:

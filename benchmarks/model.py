@@ -63,17 +63,22 @@ def preset_config(preset: str, overrides: list[str] | tuple[str, ...] = ()):
 MODES = ("fwd", "train")
 
 
-def flops_per_token(model, config) -> dict[str, float]:
-    """Analytical FLOPs per token of the forward pass and of a training step."""
+def matmul_weight_shapes(model) -> list[tuple[int, ...]]:
+    """Shapes of the weights every token multiplies: each linear layer's (…, d_out, d_in), scanned blocks stacked
+    on leading axes, and the embedding table when the head is tied to it."""
     import equinox as eqx
     import jax
-    import numpy as np
 
     is_linear = lambda x: isinstance(x, eqx.nn.Linear)  # noqa: E731
-    linears = [x for x in jax.tree.leaves(model, is_leaf=is_linear) if is_linear(x)]
-    matmul_params = sum(int(np.prod(layer.weight.shape)) for layer in linears)
+    shapes = [tuple(x.weight.shape) for x in jax.tree.leaves(model, is_leaf=is_linear) if is_linear(x)]
     if model.lm_head is None:  # tied head: the embedding table is also a matmul
-        matmul_params += int(np.prod(model.embedding.weight.shape))
+        shapes.append(tuple(model.embedding.weight.shape))
+    return shapes
+
+
+def flops_per_token(model, config) -> dict[str, float]:
+    """Analytical FLOPs per token of the forward pass and of a training step."""
+    matmul_params = sum(math.prod(shape) for shape in matmul_weight_shapes(model))
     dk, dv, length = config.qk_head_dim, config.v_head_dim, config.chunk_size
     cell = (2 * length * (dk + dv) + 4 * dk * dv) * config.num_heads * config.num_blocks
     return {

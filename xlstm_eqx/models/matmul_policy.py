@@ -47,12 +47,22 @@ def upcasts_low_precision_matmul(
 def host_cpu_features() -> frozenset[str]:
     """The first processor's feature flags in /proc/cpuinfo ("flags" on x86, "Features" on aarch64); empty where
     that file is missing or has neither line (e.g. macOS)."""
+    fields = cpuinfo_fields(("flags", "Features"))
+    return frozenset(next(iter(fields.values()), "").split())
+
+
+def cpuinfo_fields(keys: tuple[str, ...]) -> dict[str, str]:
+    """{key: value} of the first processor's /proc/cpuinfo lines named in ``keys`` (those present; {} without
+    that file)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
                 key, sep, value = line.partition(":")
-                if sep and key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                if sep and key.strip() in keys:
+                    fields.setdefault(key.strip(), value.strip())
+                if line.strip() == "" and fields:  # the first processor's block ends at a blank line
+                    break
     except OSError:
         pass
-    return frozenset()
+    return fields
