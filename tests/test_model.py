@@ -178,10 +178,14 @@ def test_upcast_bfloat16_products_give_the_same_bfloat16_model(model, tokens, fl
     gradients are as accurate against float32 and far closer to the native ones than bfloat16's own error.
 
     Not closer: the two GEMMs sum in different orders (AMX's bf16 kernel adds products in pairs), which flips the
-    bfloat16 rounding of a few activations and cotangents, and this model's bf16 gradients jump by up to 6e-3
-    (relative) when one rounding flips: a 1e-6 relative jitter of the head weight moved them by 0 or 6.3e-3 on an
-    Intel AMX machine, against 1.6e-6 in float32. There upcast and native differ by 3.2e-3; where both kernels
-    sum alike (AMD AVX-512) they agreed to 1e-5. Each product's exactness is tested in test_low_precision_products.
+    bfloat16 rounding of a few activations and cotangents. A flip is not a defect that the blocks amplify; it is
+    how rounding treats any small difference. If two float32 tensors differ by ε (relative, L2), their bfloat16
+    roundings differ in a fraction ≈ ε/u of elements by one ulp each, i.e. by √(ε·u) with u = 2⁻⁸ (measured:
+    ε = 1e-6, 1e-5, 1e-4 → 6.4e-5, 2.2e-4, 6.8e-4). Each of the backward's many roundings applies that map again,
+    so any difference climbs towards u within a few of them: a 1e-6 jitter of the head weight moves this model's
+    bf16 gradients by 0 (no flip) or ~6e-3 (float32: 1.6e-6). On an Intel AMX machine upcast and native differ
+    by 3.2e-3; where both kernels sum alike (AMD AVX-512) they agree to 1e-5. So the bound is bfloat16's own
+    error, and each product's exactness is tested tightly in test_low_precision_products.
     """
     (_, float32), (native_loss, native) = float32_and_bfloat16
     upcast_loss, upcast = loss_and_grads(
