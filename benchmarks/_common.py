@@ -71,6 +71,8 @@ def environment() -> dict[str, Any]:
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "host_memory": HOST_MEMORY,
         "malloc_huge_pages": malloc_uses_huge_pages(),  # GLIBC_TUNABLES at start (xlstm_eqx/host_memory.py)
+        # false under "retain": single-device steps run inline, so their scratch stays in the main heap
+        "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
         # bfloat16 dot instructions of this CPU (none on plain AVX2), and the kernel model.low_precision_matmul="auto"
         # picks for bf16 products here: the GEMM in bf16 ("native") or in float32 on upcast operands
         "cpu_bf16_dot": sorted(host_cpu_features() & BF16_DOT_CPU_FEATURES),

@@ -43,6 +43,26 @@ print(json.dumps({"policy": policy, "faults": faults[1:]}))
 """
 
 
+# Runs a jitted computation whose scratch holds an argv[2]-MiB temporary (a layer's activations, (1024, n) float32)
+# five times after a warm-up, and reports the minor page faults of each run after the first, and whether dispatch
+# was asynchronous.
+JIT_PROBE = """
+import json, resource, sys
+from xlstm_eqx import configure_host_memory
+policy = configure_host_memory(sys.argv[1])
+import jax, jax.numpy as jnp
+x, w = jnp.ones((1024, 64)), jnp.ones((64, int(sys.argv[2]) * 256))
+step = jax.jit(lambda x, w: (jnp.tanh(x @ w) @ w.T).sum())
+step(x, w).block_until_ready()
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(x, w).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"policy": policy, "faults": faults[1:], "async": jax.config.read('jax_cpu_enable_async_dispatch')}))
+"""
+
+
 def _probe(policy: str, mib: int = 64, on: str = "main", tunables: str = "") -> dict:
     env = {**os.environ, "GLIBC_TUNABLES": tunables}
     out = subprocess.run([sys.executable, "-c", PROBE, policy, str(mib), on], capture_output=True, text=True,
@@ -81,6 +101,25 @@ def test_huge_page_tunable_covers_blocks_a_worker_thread_maps():
         pytest.skip("premise: a worker thread's large block faults in again every time (not so here)")
     huge = _probe("retain", mib=128, on="thread", tunables=HUGE_PAGE_TUNABLE)
     assert max(huge["faults"]) < pages // 100, huge
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the policy acts on glibc only")
+def test_retain_runs_steps_inline_so_their_scratch_stays_resident():
+    """XLA:CPU's per-execution scratch above 64 MiB: mapped afresh at every run from a worker thread's arena under
+    JAX's asynchronous dispatch, whatever mallopt says; under "retain" the run is inline and its scratch comes from
+    the main heap, which keeps it."""
+    env = {**os.environ, "GLIBC_TUNABLES": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+    def run(policy: str) -> dict:
+        args = [sys.executable, "-c", JIT_PROBE, policy, "96"]
+        return json.loads(subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout)
+
+    released, retained = run("release"), run("retain")
+    assert released["async"] and not retained["async"]
+    pages = 96 * 2**20 // 4096
+    if min(released["faults"]) < pages // 2:
+        pytest.skip("premise: the scratch faults in again at every run by default (not so with huge pages always)")
+    assert max(retained["faults"]) < pages // 100, retained
 
 
 def test_huge_page_tunable_is_read_from_the_environment(monkeypatch):
