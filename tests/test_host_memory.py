@@ -119,7 +119,9 @@ def test_retain_runs_steps_inline_so_their_scratch_stays_resident():
     pages = 96 * 2**20 // 4096
     if min(released["faults"]) < pages // 2:
         pytest.skip("premise: the scratch faults in again at every run by default (not so with huge pages always)")
-    assert max(retained["faults"]) < pages // 100, retained
+    # Over all four runs, less than a quarter of one scratch's pages: faulting it in again even once would exceed
+    # that (other threads of the process may fault a few pages meanwhile, so no single run is held to zero).
+    assert sum(retained["faults"]) < pages // 4, retained
 
 
 def test_huge_page_tunable_is_read_from_the_environment(monkeypatch):
