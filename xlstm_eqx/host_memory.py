@@ -8,17 +8,17 @@ config A (≈ 20% of the step). With ``M_MMAP_MAX = 0`` every block comes from t
 ``M_TRIM_THRESHOLD`` freed heap memory stays mapped, so the next step reuses pages that are already resident.
 The cost: the process keeps its peak heap size until it exits, as a caching allocator would.
 
-What ``mallopt`` alone cannot reach: with asynchronous dispatch (JAX's default), XLA:CPU runs a step, and
-allocates its temporaries (one block of the whole step's scratch: 170 MB for config A, ≈600 MB for B), on a worker
-thread, which glibc serves from a per-thread arena. Such an arena grows in heaps of at most 64 MiB, and glibc maps
-anything larger with ``mmap`` whatever ``M_MMAP_MAX`` says, and unmaps it on free. So that block was faulted in
-again at every step (B bf16: 145,000 faults and ≈300 ms of system time per ~1 s step). Hence "retain" also turns
-JAX's CPU asynchronous dispatch off (``jax_cpu_enable_async_dispatch``): a single-device computation then runs inline
-on the calling thread, its scratch comes from the main heap, and it stays resident like every other block (B bf16:
-0 faults and ≈10 ms of system time per step; A and B, fp32 and bf16, 6–14% faster). Nothing is lost by it: the
-training loop waits for every step's loss anyway, and computations over several devices keep their worker threads
-(JAX applies the flag to single-device computations only). It takes effect for CPU clients created afterwards, so
-apply the policy before the first computation, as ``xlstm-eqx train`` and the benchmarks do.
+What ``mallopt`` alone cannot reach: with asynchronous dispatch (JAX's default), XLA:CPU runs a step, and allocates
+its temporaries (one block of the whole step's scratch: 170 MB for config A, ≈600 MB for B), on a worker thread,
+which glibc serves from a per-thread arena. Such an arena grows in heaps of at most 64 MiB, and glibc maps anything
+larger with ``mmap`` whatever ``M_MMAP_MAX`` says, and unmaps it on free. So that block was faulted in again at
+every step (B bf16: 145,000 faults and ≈300 ms of system time per ~1 s step). Hence "retain" also turns JAX's CPU
+asynchronous dispatch off (``jax_cpu_enable_async_dispatch``): a single-device computation then runs inline on the
+calling thread, its scratch comes from the main heap, and it stays resident like every other block (B bf16: 0 faults
+and ≈10 ms of system time per step; configs A and B, fp32 and bf16, 6–14% faster on the Intel machine kind). Nothing
+is lost by it: the training loop waits for every step's loss anyway, and computations over several devices keep
+their worker threads (JAX applies the flag to single-device computations only). It takes effect for CPU clients
+created afterwards, so apply the policy before the first computation, as ``xlstm-eqx train`` and the benchmarks do.
 
 Started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (:data:`HUGE_PAGE_TUNABLE`; glibc ≥ 2.35 reads it at process
 start only), glibc asks for transparent huge pages (kernel mode ``madvise`` or ``always``) for every block it maps or
