@@ -223,7 +223,7 @@ def test_a_killed_rank_ends_the_run_with_an_error(documents, tmp_path):
     assert code != 0
     # Either JAX's heartbeat names the task that stopped, or rank 0 was inside a collective and gloo lost its peer.
     log = (run_dir / "ranks" / "rank0.log").read_text()
-    assert "unhealthy" in log or re.search(r"gloo.*(reset|closed) by peer", log), log[-2000:]
+    assert "unhealthy" in log or re.search(r"gloo.*(reset|closed) by peer", log), f"exit code {code}; {log[-2000:]}"
 
 
 def test_a_busy_coordinator_port_is_a_clear_error(tmp_path):
