@@ -63,11 +63,16 @@ print(json.dumps({"policy": policy, "faults": faults[1:], "async": jax.config.re
 """
 
 
-def _probe(policy: str, mib: int = 64, on: str = "main", tunables: str = "") -> dict:
-    env = {**os.environ, "GLIBC_TUNABLES": tunables}
-    out = subprocess.run([sys.executable, "-c", PROBE, policy, str(mib), on], capture_output=True, text=True,
-                         check=True, env=env)  # fmt: skip
+def _run_probe(script: str, *args: str, env: dict[str, str]) -> dict:
+    """The JSON line ``script`` prints, run in a fresh interpreter: glibc's tunables and JAX's CPU client are fixed
+    at process start. ``env`` is added to this process's environment."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})  # fmt: skip
     return json.loads(out.stdout)
+
+
+def _probe(policy: str, mib: int = 64, on: str = "main", tunables: str = "") -> dict:
+    return _run_probe(PROBE, policy, str(mib), on, env={"GLIBC_TUNABLES": tunables})
 
 
 def _transparent_huge_pages() -> str:
@@ -108,13 +113,8 @@ def test_retain_runs_steps_inline_so_their_scratch_stays_resident():
     """XLA:CPU's per-execution scratch above 64 MiB: mapped afresh at every run from a worker thread's arena under
     JAX's asynchronous dispatch, whatever mallopt says; under "retain" the run is inline and its scratch comes from
     the main heap, which keeps it."""
-    env = {**os.environ, "GLIBC_TUNABLES": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-
-    def run(policy: str) -> dict:
-        args = [sys.executable, "-c", JIT_PROBE, policy, "96"]
-        return json.loads(subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout)
-
-    released, retained = run("release"), run("retain")
+    one_device = {"GLIBC_TUNABLES": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    released, retained = (_run_probe(JIT_PROBE, policy, "96", env=one_device) for policy in ("release", "retain"))
     assert released["async"] and not retained["async"]
     pages = 96 * 2**20 // 4096
     if min(released["faults"]) < pages // 2:
