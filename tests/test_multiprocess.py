@@ -221,9 +221,21 @@ def test_a_killed_rank_ends_the_run_with_an_error(documents, tmp_path):
         finally:
             stop_ranks(procs)
     assert code != 0
-    # Either JAX's heartbeat names the task that stopped, or rank 0 was inside a collective and gloo lost its peer.
+    # How rank 0 learns of it depends on where it was when its peer died. Either JAX's heartbeat names the task
+    # that stopped; or rank 0 was inside a collective and gloo lost its peer; or gloo's transport aborted on a
+    # message of another size than the one it awaited. XLA's gloo communicator sends every all-reduce through
+    # one untagged slot, so once a peer vanishes in mid-step the survivors' devices can leave the step's
+    # collectives at different points, and the next message is then refused (`op.preamble.length <=
+    # op.nbytes`). Seen in 2 of about 40 runs, both under load; the stack that faulthandler writes on the abort
+    # showed rank 0 inside the step.
     log = (run_dir / "ranks" / "rank0.log").read_text()
-    assert "unhealthy" in log or re.search(r"gloo.*(reset|closed) by peer", log), f"exit code {code}; {log[-2000:]}"
+    refused = code == -signal.SIGABRT and "op.preamble.length <= op.nbytes" in log
+    in_step = re.search(r"Fatal Python error: Aborted[\s\S]*train_step[\s\S]*in fit", log)
+    assert "unhealthy" in log or re.search(r"gloo.*(reset|closed) by peer", log) or (refused and in_step), (
+        f"exit code {code}; {log[-3000:]}"
+    )
+    if code == -signal.SIGABRT:  # every abort leaves the Python stacks in the log (distributed.initialize)
+        assert "Fatal Python error: Aborted" in log and "(most recent call first)" in log
 
 
 def test_a_busy_coordinator_port_is_a_clear_error(tmp_path):

@@ -171,6 +171,10 @@ def initialize(config: DistributedConfig) -> None:
     if not config.multi_process:
         return
     dump_stacks_on(STACK_DUMP_SIGNAL)
+    # A rank that dies of a fatal signal (gloo and JAX's coordination service end a failed run with abort())
+    # writes every thread's Python stack first: the log then shows which step or collective it was in.
+    if not faulthandler.is_enabled():  # kept where the program already chose where it writes
+        faulthandler.enable(all_threads=True)
     bind = _bind_address(config)
     if config.process_id == 0 and bind is not None:
         check_port_free(bind)
