@@ -13,20 +13,12 @@ from jaxtyping import Array, Bool, Float, Int, Integer, PRNGKeyArray
 from ..config import ModelConfig
 from .block import XLSTMBlock
 from .kernels import MLSTMState
-from .layers import MIXED_PRECISION_MATMUL, apply_norm, gate_dtype, normal_, project, rms_norm, small_init_std, soft_cap
+from .layers import apply_norm, gate_dtype, normal_, project, rms_norm, small_init_std, soft_cap
 from .matmul_policy import upcasts_low_precision_matmul
+from .remat import REMAT_POLICIES
 
 # Config fields that change how the model runs, never what it computes (beyond rounding).
 EXECUTION_POLICY_FIELDS = ("kernel", "chunk_size", "compute_dtype", "low_precision_matmul", "remat", "scan_blocks")
-
-REMAT_POLICIES = {
-    "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(MIXED_PRECISION_MATMUL),
-    ),
-}
 
 
 def outside_vocab(ids: Integer[Array, "*shape"], vocab_size: int) -> Bool[Array, "*shape"]:

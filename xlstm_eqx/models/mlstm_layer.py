@@ -74,11 +74,11 @@ class MLSTMLayer(eqx.Module):
         c = self.config
         heads = lambda x, dim: x.reshape(*u.shape[:2], -1, dim)  # noqa: E731  (local heads under tensor parallelism)
         acc, upcast = gate_dtype(u.dtype), upcasts_low_precision_matmul(c.low_precision_matmul)
-        # q, k, v straight from the products' float32 accumulators: the cell computes in float32 anyway, and a
-        # bfloat16 round trip costs two converts per element (+4% bf16 train tokens/s on configs A and B)
-        q = heads(dense(self.q, u, acc, upcast=upcast), c.qk_head_dim)
-        k = heads(dense(self.k, u, acc, upcast=upcast), c.qk_head_dim)
-        v = heads(dense(self.v, u, acc, upcast=upcast), c.v_head_dim)
+        # q, k, v leave the products in the compute dtype, which is what remat saves (in bf16 half the bytes of
+        # float32), and enter the float32 cell converted: +1.5 to +2% bf16 train tokens/s on configs A and B over
+        # float32 accumulators, now that `remat.saved` stacks bf16 in place (before it, float32 was 4% faster)
+        q, k, v = (dense(layer, u, upcast=upcast).astype(acc) for layer in (self.q, self.k, self.v))
+        q, k, v = heads(q, c.qk_head_dim), heads(k, c.qk_head_dim), heads(v, c.v_head_dim)
         gate_in = u.astype(acc)
         i_pre = soft_cap(dense(self.igate_preact, gate_in), c.gate_soft_cap)
         f_pre = soft_cap(dense(self.fgate_preact, gate_in), c.gate_soft_cap)
@@ -93,8 +93,10 @@ class MLSTMLayer(eqx.Module):
         if tp_axis is not None:
             stats = jax.lax.pmean(stats, tp_axis)
         h = self.multihead_norm(h.astype(u.dtype)).reshape(*u.shape[:2], -1)
-        out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u, upcast=upcast))
-        return row_parallel(self.out_proj, out_gate * h, tp_axis, upcast=upcast), state, stats
+        # the gate from the bf16 (saved) pre-activation, applied in float32 and rounded once
+        out_gate = jax.nn.sigmoid(dense(self.ogate_preact, u, upcast=upcast).astype(acc))
+        gated = (out_gate * h.astype(acc)).astype(u.dtype)
+        return row_parallel(self.out_proj, gated, tp_axis, upcast=upcast), state, stats
 
 
 def run_cell(
