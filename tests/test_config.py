@@ -95,6 +95,22 @@ def test_model_choices_are_checked_without_a_type_checker(field, value, match):
     assert info.value.path == field
 
 
+def test_a_checkpoint_monitor_needs_checkpoints_at_validation():
+    """Only the saves after a validation carry its metrics: a monitor without them would rank nothing, and the
+    test would silently run on the last state instead of the best one."""
+    with pytest.raises(ConfigError, match="at_validation is false") as info:
+        from_dict(Config, {"checkpoint": {"monitor": "loss", "at_validation": False}})
+    assert info.value.path == "checkpoint.monitor"
+    from_dict(Config, {"checkpoint": {"monitor": "loss", "at_validation": False, "enabled": False}})  # no saves
+
+
+@pytest.mark.parametrize("field", ["default_train_log_modes", "intermediates_log_modes"])
+def test_per_example_modes_are_refused_for_every_train_metric(field):
+    with pytest.raises(ConfigError, match="make_train_step") as info:
+        from_dict(Config, {"train": {field: ["mean", "single_noreduce"]}})
+    assert info.value.path == f"train.{field}"
+
+
 def test_validation_sets_are_named_all_or_none():
     from xlstm_eqx.config.run import DataSection
     from xlstm_eqx.loop.run_data import named_validation_sets, split_paths

@@ -320,6 +320,47 @@ def test_the_last_partial_log_interval_gets_its_own_row(tiny_module, tmp_path):
     assert [r["log_step"] for r in _train_rows(tmp_path / "stop")] == [5, 7]
 
 
+def test_a_stop_at_epoch_start_ends_training_before_that_epoch(tiny):
+    state, train_step, eval_step, *_ = tiny
+    stopper = on(["epoch_start"], lambda e: [Stop("time_limit", "no time for epoch 2")] if e.epoch == 2 else None)
+    hook, seen = recorder()
+    config = LoopConfig(num_train_steps=6, steps_per_epoch=2)
+    result = fit(state, train_step, eval_step, Stream(), config=config, hooks=[stopper, hook])
+    assert (result.status, result.step, int(result.state.step)) == ("time_limit", 2, 2)
+    assert [k for k, *_ in seen if k == "step"] == ["step", "step"] and seen[-1][0] == "train_end"
+
+
+def test_a_batch_that_scores_no_token_is_not_a_nan_step(tiny):
+    """All targets masked: the step applies a finite (zero-gradient) update, so neither the step's own check nor
+    the loop may call it non-finite (its mean loss is 0/0 only because nothing was scored)."""
+    state, train_step, eval_step, *_ = tiny
+
+    class EmptyThird(Stream):
+        def __next__(self):
+            batch = super().__next__()
+            return (
+                eqx.tree_at(lambda b: b.loss_mask, batch, jnp.zeros_like(batch.loss_mask)) if self.index == 3 else batch
+            )
+
+    config = LoopConfig(num_train_steps=4)  # fit stops at a non-finite step by default (stop_on_nan)
+    with pytest.warns(RuntimeWarning, match="nothing accumulated"):  # the third step's own row has no loss
+        result = fit(state, train_step, eval_step, EmptyThird(), config=config, log_every_n_steps=1)
+    assert (result.status, result.step) == ("success", 4)
+
+
+def test_an_empty_loss_is_judged_by_the_step_check_alone():
+    from xlstm_eqx.loop.fit import _step_scalars
+    from xlstm_eqx.train.metrics import Measured, accumulate
+
+    zero, one = jnp.zeros(()), jnp.ones(())
+    empty = {"loss": Measured(zero, zero), "nonfinite": Measured(zero, one)}
+    loss, nonfinite = _step_scalars(accumulate(empty, {"loss": ("mean",), "nonfinite": ("max",)}))
+    assert math.isnan(loss) and not nonfinite
+    loss, nonfinite = _step_scalars(accumulate({"loss": Measured(zero, zero)}, ("mean",)))  # no step check
+    assert math.isnan(loss) and not nonfinite
+    assert _step_scalars(accumulate({"loss": Measured(jnp.inf * one, one)}, ("mean",)))[1]
+
+
 def test_loss_of_other_log_modes_is_not_taken_for_nan():
     from xlstm_eqx.loop.fit import _step_scalars
     from xlstm_eqx.train.metrics import Measured, accumulate

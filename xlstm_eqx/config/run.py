@@ -147,6 +147,12 @@ class CheckpointConfig:
             raise ConfigError("keep_best", f"must be ≥ 0, got {self.keep_best}")
         if self.mode not in ("min", "max"):
             raise ConfigError("mode", f"must be 'min' or 'max', got {self.mode!r}")
+        if self.enabled and self.monitor is not None and not self.at_validation:
+            raise ConfigError(
+                "monitor",
+                f"{self.monitor!r} ranks the checkpoints saved after validation, but at_validation is false, so "
+                "no checkpoint would carry it; set at_validation: true or drop the monitor",
+            )
 
 
 @dataclass(frozen=True)

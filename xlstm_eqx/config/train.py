@@ -43,5 +43,13 @@ class TrainConfig:
             unknown = [m for m in getattr(self, name) if m not in LOG_MODES]
             if unknown:
                 raise ConfigError(name, f"unknown log modes {unknown}; choose from {list(LOG_MODES)}")
+            per_example = [m for m in getattr(self, name) if m.endswith("_noreduce") or m.endswith("_noreduce_wcount")]
+            if per_example:
+                raise ConfigError(
+                    name,
+                    f"{per_example} would apply to every train metric, the loss that the step and the loop read "
+                    "included; give per-example values to the metrics that need them: make_train_step(modes={name: "
+                    "mode}) or make_eval_step(modes=...)",
+                )
         if self.z_loss < 0:
             raise ConfigError("z_loss", f"must be ≥ 0, got {self.z_loss}")

@@ -15,7 +15,7 @@ from ..config.parsing import ConfigError
 from ..config.run import LoopConfig
 from ..io.writers import TRAIN_LOSS_KEYS
 from ..train.metrics import merge_metrics
-from ..train.metrics_host import add_perplexity, to_host
+from ..train.metrics_host import add_perplexity, read_accumulator, to_host
 from .evaluate import EvalSets, evaluate, fresh_pass
 from .events import Event, Hook, Stop, fire
 from .hooks import nan_stop
@@ -49,13 +49,17 @@ def plan_steps(config: LoopConfig, steps_per_epoch: int | None) -> tuple[int, in
 
 
 def _step_scalars(metrics: dict[str, Any]) -> tuple[float, bool]:
-    """This step's loss (NaN when the train log modes give none of ``TRAIN_LOSS_KEYS``) and non-finite flag: the
-    step's own check (``nonfinite_max``) or a non-finite loss. One small device_get; waits for the step."""
+    """This step's loss (NaN when the train log modes give none of ``TRAIN_LOSS_KEYS``, or the batch scored no
+    token) and its non-finite flag: the step's own check (``nonfinite_max``, which covers the loss and the
+    gradients) where it ran, else a non-finite loss over scored tokens. A batch that scores nothing is not
+    non-finite. One small device_get; waits for the step."""
     loss_key = next((k for k in TRAIN_LOSS_KEYS if k in metrics), None)
     keys = [k for k in (loss_key, "nonfinite_max") if k is not None and k in metrics]
-    host = to_host({k: metrics[k] for k in keys})
-    loss = float(host[loss_key]) if loss_key is not None else math.nan
-    return loss, bool(host.get("nonfinite_max", 0.0) > 0 or (loss_key is not None and not math.isfinite(loss)))
+    host = jax.device_get({k: metrics[k] for k in keys})
+    loss, nothing_scored = read_accumulator(host[loss_key]) if loss_key is not None else (math.nan, True)
+    if "nonfinite_max" in host:
+        return float(loss), bool(read_accumulator(host["nonfinite_max"])[0] > 0)
+    return float(loss), not nothing_scored and not math.isfinite(loss)
 
 
 def _check_reiterable(sets: EvalSets | None, field: str) -> None:
@@ -227,6 +231,8 @@ def fit(
             epoch_start = time.perf_counter()
             info("epoch %d starts at step %d", step // per_epoch + 1, step)
             stop = emit("epoch_start", epoch=step // per_epoch + 1)
+            if stop is not None:
+                break
         started = time.perf_counter()
         state, metrics = train_step(state, batch)
         step += 1

@@ -38,7 +38,7 @@ def _ratio(value: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.where(empty, np.nan, value / np.where(empty, 1.0, count)), bool(np.any(empty))
 
 
-def _read(acc: Accumulator) -> tuple[HostValue, bool]:
+def read_accumulator(acc: Accumulator) -> tuple[HostValue, bool]:
     """Host value of one accumulator whose leaves are numpy arrays, and whether it is (partly) empty."""
     if isinstance(acc, MeanAcc):
         value, empty = _ratio(acc.total, acc.count)
@@ -69,7 +69,7 @@ def to_host(metrics: Mapping[str, Accumulator]) -> HostMetrics:
     out: HostMetrics = {}
     empty = []
     for key in metrics:  # insertion order (device_get of a dict sorts the keys)
-        out[key], is_empty = _read(host[key])
+        out[key], is_empty = read_accumulator(host[key])
         if is_empty:
             empty.append(key)
     if empty:
