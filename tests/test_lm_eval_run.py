@@ -3,9 +3,11 @@ every config field reaches lm-eval or the scorer; lm-eval's own CLI runs ``--mod
 bad tasks, checkpoints and tokenizers fail clearly."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +29,11 @@ LM_EVAL = ["lm_eval.evaluation_tasks=[shakespeare]", "lm_eval.limit_requests=2",
 
 @pytest.fixture(scope="module", autouse=True)
 def offline(tmp_path_factory):
-    """lm-eval and HF datasets offline, their cache in a temporary folder; restored after this module."""
+    """lm-eval and HF datasets offline, their caches in temporary folders; restored after this module."""
+    import lm_eval.caching.cache as cache
+
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache, "PATH", str(tmp_path_factory.mktemp("lm_eval_cache")))
         patch.setenv("HF_DATASETS_OFFLINE", "1")
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
@@ -118,6 +123,36 @@ def test_bootstrap_iters_and_request_cache(lm, tmp_path, monkeypatch):
     assert any((tmp_path / "cache").iterdir())  # the built requests were cached
     again = run_lm_eval(lm, config).metrics  # from the cache: same requests, same scores
     assert again["lmeval_shakespeare_cloze_perplexity"] == first["lmeval_shakespeare_cloze_perplexity"]
+
+
+def test_cached_requests_are_rebuilt_when_what_shapes_them_changes(lm, tmp_path):
+    """lm-eval keys its request cache by task name and few-shot count only: a new chat template (or seed, or
+    task files) must not be answered with the prompts cached for the old one."""
+    for mark in ("<<", "[["):
+        config = LMEvalConfig(evaluation_tasks=("shakespeare_next_line",), limit_requests=1, bootstrap_iters=0,
+                              apply_chat_template=mark + "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                              write_out=True, cache_requests=True)  # fmt: skip
+        run_lm_eval(lm, config, output_dir=tmp_path / mark)
+        (samples,) = (tmp_path / mark).glob("samples_shakespeare_next_line_*.jsonl")
+        assert json.loads(samples.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"].startswith(mark)
+
+
+def test_the_request_cache_key_covers_task_files_seed_and_template(tmp_path):
+    from xlstm_eqx.eval.request_cache import request_digest
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(bundled_task_dir(), tasks)
+    config = LMEvalConfig(evaluation_tasks=("shakespeare_cloze",), num_fewshot=1)
+    base = request_digest(config, tasks, None)
+    assert request_digest(config, tasks, None) == base
+    assert request_digest(dataclasses.replace(config, seed=1), tasks, None) != base
+    assert request_digest(config, tasks, "{{ messages }}") != base
+    (tasks / "__pycache__").mkdir(exist_ok=True)
+    (tasks / "__pycache__" / "x.pyc").write_bytes(b"bytecode")  # not an input
+    assert request_digest(config, tasks, None) == base
+    cloze = tasks / "shakespeare_cloze.jsonl"
+    cloze.write_text(cloze.read_text().replace("MALCOLM", "DUNCAN", 1))
+    assert request_digest(config, tasks, None) != base
 
 
 def test_scoring_fields_reach_the_scorer(run):

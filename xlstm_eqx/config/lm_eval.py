@@ -24,7 +24,8 @@ class LMEvalConfig:
     each. ``debug`` scales log-likelihoods by 1e-4 (finite perplexities for a random-weight smoke test).
     ``max_gen_toks`` / ``seed``: defaults for generation requests.
 
-    Passed to lm-eval: ``cache_requests`` (reuse built requests), ``limit_requests`` (documents per task),
+    Passed to lm-eval: ``cache_requests`` (reuse built requests; cached per task files, seed, few-shot count,
+    system instruction and chat template), ``limit_requests`` (documents per task),
     ``write_out`` (print prompts, and save per-sample outputs and the results under ``<run_dir>/lm_eval``),
     ``system_instruction``, ``num_fewshot``, ``bootstrap_iters`` (stderr resamples; 0 = none), and
     ``apply_chat_template`` (True = the adapter's role-tagged template, a string = a Jinja template of yours).

@@ -25,6 +25,7 @@ from ..loop.events import Event, Hook, Log, on
 from ..loop.restore import load_from_checkpoint
 from ..parallel import make_mesh
 from .lm_adapter import XlstmEqxLM
+from .request_cache import request_cache
 from .scoring import ScoringSettings
 from .tasks import bundled_task_dir, check_task_names
 
@@ -81,14 +82,19 @@ def build_lm(
     )  # fmt: skip
 
 
+def task_dir(config: LMEvalConfig) -> Path:
+    """``include_path``, default the bundled tasks; a clear error when it is not a directory."""
+    include = Path(config.include_path) if config.include_path else bundled_task_dir()
+    if not include.is_dir():
+        raise FileNotFoundError(f"lm_eval.include_path: {include} is not a directory of task YAML files")
+    return include
+
+
 def task_manager(config: LMEvalConfig) -> Any:
     """lm-eval's TaskManager over ``include_path`` (default: the bundled tasks) [+ its built-in tasks]."""
     from lm_eval.tasks import TaskManager
 
-    include = Path(config.include_path) if config.include_path else bundled_task_dir()
-    if not include.is_dir():
-        raise FileNotFoundError(f"lm_eval.include_path: {include} is not a directory of task YAML files")
-    return TaskManager(include_path=str(include), include_defaults=config.include_defaults)
+    return TaskManager(include_path=str(task_dir(config)), include_defaults=config.include_defaults)
 
 
 def metric_key(task: str, key: str) -> str:
@@ -115,7 +121,9 @@ def run_lm_eval(lm: XlstmEqxLM, config: LMEvalConfig, *, output_dir: str | Path 
     """lm-eval's ``simple_evaluate`` on ``config.evaluation_tasks`` with every setting of ``config``.
 
     Unknown task names fail before anything runs (with the close matches). With ``write_out``, results and
-    per-sample outputs are saved under ``output_dir`` (required then).
+    per-sample outputs are saved under ``output_dir`` (required then). With ``cache_requests``, the built requests
+    are cached under a key of the task files, seed, few-shot count, system instruction and chat template
+    (:mod:`.request_cache`), so a change to any of them builds them afresh.
     """
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
@@ -128,8 +136,8 @@ def run_lm_eval(lm: XlstmEqxLM, config: LMEvalConfig, *, output_dir: str | Path 
     manager = task_manager(config)
     check_task_names(config.evaluation_tasks, manager)
     lm.token_loglikelihoods.clear()
-    lm.chat_template(config.apply_chat_template)  # lm-eval asks for it only after evaluating
-    with mock.patch.dict(os.environ, NO_FORK):
+    template = lm.chat_template(config.apply_chat_template)  # lm-eval asks for it only after evaluating
+    with mock.patch.dict(os.environ, NO_FORK), request_cache(config, task_dir(config), template):
         evaluated = lm_eval.simple_evaluate(
             model=lm, tasks=list(config.evaluation_tasks), task_manager=manager, num_fewshot=config.num_fewshot,
             limit=config.limit_requests, cache_requests=config.cache_requests, write_out=config.write_out,
