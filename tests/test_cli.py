@@ -20,6 +20,8 @@ def test_param_table_of_a_preset_on_a_mesh_it_needs_no_devices_for(capsys):
                                                         "yes"]  # fmt: skip
     assert rows["blocks.norm_ffn.weight"][-1] == "no" and rows["embedding.weight"][-1] == "no"  # decay excluded
     assert lines[-1].startswith("total 4,271,392 parameters in ")
+    assert main(["params", "--config", "configs/bench_a.yaml", "--table", "optim.weight_decay=0"]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines()[1:-1] if line.split()[-1] == "yes"]
 
 
 def test_convert_jsonl_to_array_record_round_trips(tmp_path, capsys):

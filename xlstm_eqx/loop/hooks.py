@@ -116,7 +116,8 @@ def checkpoint_hook(checkpointer: Any, config: CheckpointConfig, meta: Callable[
     """Saves through ``checkpointer`` every ``every_n_steps`` steps, after each validation (with its metrics,
     so the best can be kept) and at the end of a run that did not stop on NaN. Never saves a non-finite step,
     nor non-finite parameters (which a finite loss can hide when ``train.check_for_nan`` is off).
-    A ``monitor`` missing from the validation metrics is an error naming the metrics that exist."""
+    A ``monitor`` missing from the validation metrics is an error naming the metrics that exist, raised after
+    that validation's checkpoint is saved."""
 
     def save(event: Event, metrics: Mapping[str, Any] | None = None) -> None:
         if event.step == checkpointer.latest_step():  # already saved (e.g. at its validation, or a finished run)
@@ -133,13 +134,15 @@ def checkpoint_hook(checkpointer: Any, config: CheckpointConfig, meta: Callable[
             if event.step % config.every_n_steps == 0 and not (event.validation_follows and config.at_validation):
                 save(event)
         elif event.kind == "val_end" and config.at_validation:
-            if config.monitor is not None and config.monitor not in event.metrics:
-                raise ConfigError(
-                    "checkpoint.monitor",
-                    f"{config.monitor!r} is not among the validation metrics {sorted(event.metrics)}",
-                )
             if is_finite_row(dict(event.metrics)):  # never keep a model that evaluates to NaN
                 save(event, event.metrics)
+            if config.monitor is not None and config.monitor not in event.metrics:
+                # after the save: the run stops on a name, not on the model, and resumes from this step
+                raise ConfigError(
+                    "checkpoint.monitor",
+                    f"{config.monitor!r} is not among the validation metrics {sorted(event.metrics)} (the state "
+                    f"of step {event.step} is saved: correct the name and run again to resume from it)",
+                )
         elif event.kind == "train_end" and event.status not in ("nan",) and event.step > 0:
             save(event)
 

@@ -133,7 +133,8 @@ def train_job(
         if state is None:
             state, static = init(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
         rows = param_rows(state.params, mesh, fsdp_min_weight_size=fsdp_min,
-                          weight_decay_exclude=config.optim.weight_decay_exclude)  # fmt: skip
+                          weight_decay_exclude=config.optim.weight_decay_exclude,
+                          weight_decay=config.optim.weight_decay)  # fmt: skip
         logger.info("parameters:\n%s", format_param_table(rows))
         train_step = make_train_step(static, tx, mesh, config.train, fsdp_min_weight_size=fsdp_min)
         eval_step = make_eval_step(static, mesh, config.train, fsdp_min_weight_size=fsdp_min)

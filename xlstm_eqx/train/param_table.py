@@ -33,9 +33,12 @@ def param_rows(
     *,
     fsdp_min_weight_size: int = 2**18,
     weight_decay_exclude: Sequence[str] = ("norm", "bias", "embedding"),
+    weight_decay: float = 0.1,
 ) -> list[dict[str, Any]]:
-    """One row per array leaf of ``params`` (arrays or ShapeDtypeStructs), in tree order."""
+    """One row per array leaf of ``params`` (arrays or ShapeDtypeStructs), in tree order. ``decay``: whether the
+    optimizer decays it (never when ``weight_decay`` is 0, else unless ``weight_decay_exclude`` matches it)."""
     decays = jax.tree.leaves(weight_decay_mask(params, weight_decay_exclude))
+    decays = decays if weight_decay else [False] * len(decays)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     rows = []
     for (path, leaf), decay in zip(leaves, decays, strict=True):
