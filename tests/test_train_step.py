@@ -266,6 +266,22 @@ def test_bad_batches_and_meshes_are_named():
         step(state, Batch(bad.inputs.astype(jnp.float32), bad.targets, bad.loss_mask, bad.segment_ids, bad.positions))
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(MeshConfig(data=2, fsdp=4, model=2))
+    with pytest.raises(ValueError, match=r"batch.inputs has shape \(4, 0\); expected \(batch, time\), both ≥ 1"):
+        step(state, Batch(*(jnp.zeros((4, 0), x.dtype) for x in (bad.inputs, bad.targets, bad.loss_mask,
+                                                                  bad.segment_ids, bad.positions))))  # fmt: skip
+
+
+def test_a_donated_state_passed_again_is_refused_by_name():
+    """Donation frees the state's buffers; XLA:CPU would read them anyway (a segfault on several devices)."""
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    step = make_train_step(static, tx, mesh, TrainConfig())
+    batch = make_batch(jax.random.key(0), rows=4)
+    new_state, _ = step(state, batch)
+    with pytest.raises(ValueError, match="this state was donated to an earlier train_step call"):
+        step(state, batch)
+    step(new_state, batch)  # the returned state is the one to pass
 
 
 def test_intermediates_and_per_parameter_norms_are_logged():

@@ -34,11 +34,14 @@ def check_batch(batch: Batch, mesh: Mesh, micro_batches: int = 1) -> None:
     """Clear errors for a batch the mesh (and accumulation) cannot split evenly, or of the wrong kind."""
     if not isinstance(batch, Batch):
         raise TypeError(f"expected an xlstm_eqx.data.Batch, got {type(batch).__name__}")
+    if batch.inputs.ndim != 2 or 0 in batch.inputs.shape:
+        raise ValueError(f"batch.inputs has shape {batch.inputs.shape}; expected (batch, time), both ≥ 1")
     rows = batch.inputs.shape[0]
-    for name in ("inputs", "targets", "loss_mask", "segment_ids", "positions"):
+    for name in ("targets", "loss_mask", "segment_ids", "positions"):
         field = getattr(batch, name)
-        if field.ndim != 2 or field.shape != batch.inputs.shape:
-            raise ValueError(f"batch.{name} has shape {field.shape}; expected (batch, time) = {batch.inputs.shape}")
+        if field.shape != batch.inputs.shape:
+            raise ValueError(f"batch.{name} has shape {field.shape}; expected batch.inputs' (batch, time) = "
+                             f"{batch.inputs.shape}")  # fmt: skip
     for name in ("inputs", "targets", "segment_ids", "positions"):
         if not jnp.issubdtype(getattr(batch, name).dtype, jnp.integer):
             raise TypeError(f"batch.{name} must hold integers, got {getattr(batch, name).dtype}")

@@ -184,11 +184,23 @@ def make_train_step(
     )
 
     def checked_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
+        if _donated(state):
+            raise ValueError(
+                "train_step(state, ...): this state was donated to an earlier train_step call, which freed its "
+                "buffers; pass the state that call returned (or set TrainConfig.donate_train_state=False)"
+            )
         return program(state, check(batch))
 
     if not config.debug:
         checked_train_step.lower = program.lower
     return checked_train_step
+
+
+def _donated(state: TrainState) -> bool:
+    """Whether ``state`` went into a donating step already. Donation frees every buffer of the state at once, so
+    its step counter tells; reusing it would make XLA:CPU read freed memory (a segfault on multi-device meshes)."""
+    step = state.step
+    return isinstance(step, jax.Array) and not isinstance(step, jax.core.Tracer) and step.is_deleted()
 
 
 BATCH_STATISTICS = ("token_utilization", "tokens_per_batch", "documents_per_batch")
