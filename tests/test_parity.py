@@ -194,17 +194,19 @@ def test_export_loads_in_transformers(reference, tmp_path):
     np.testing.assert_array_equal(logits, reference["hf32_logits"])
 
 
-def test_an_export_whose_qk_dim_transformers_cache_cannot_hold_generates_in_transformers(tmp_path):
-    """transformers' xLSTMCache rounds the qk dim up to 64: a qk dim of 32 is exported with use_cache false, so
-    transformers' default generate() runs, and greedily continues a prompt as our recurrent decoding does."""
+@pytest.mark.parametrize("dims", [dict(embedding_dim=64), dict(embedding_dim=128, v_dim_factor=0.75)])
+def test_an_export_whose_dims_transformers_cache_cannot_hold_generates_in_transformers(tmp_path, dims):
+    """transformers' xLSTMCache rounds the qk and v dims up to 64: a qk dim of 32 (or a v dim of 96) is exported
+    with use_cache false, so transformers' default generate() runs, and greedily continues a prompt as our
+    recurrent decoding does."""
     from xlstm_eqx.config import ModelConfig
     from xlstm_eqx.models import build
     from xlstm_eqx.models.generate import generate_jit
 
-    model = build(ModelConfig(vocab_size=V, embedding_dim=64, num_blocks=2, num_heads=NH), key=jax.random.key(3))
+    model = build(ModelConfig(vocab_size=V, num_blocks=2, num_heads=NH, **dims), key=jax.random.key(3))
     export_hf_checkpoint(model, tmp_path)
     hf = transformers.xLSTMForCausalLM.from_pretrained(tmp_path).eval()
-    assert hf.config.use_cache is False and model.config.qk_dim == 32
+    assert hf.config.use_cache is False and (model.config.qk_dim, model.config.v_dim) in [(32, 64), (64, 96)]
     prompt = np.array([0, 5, 17, 42, 8], np.int32)
     with torch.no_grad():
         theirs = hf.generate(torch.from_numpy(prompt[None]).long(), max_new_tokens=6, do_sample=False)[0, len(prompt) :]

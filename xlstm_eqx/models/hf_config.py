@@ -35,7 +35,7 @@ _HF_DEFAULTS: dict[str, Any] = dict(
     output_logit_soft_cap=30.0,
     weight_mode="single",
 )
-HF_CACHE_QK_MULTIPLE = 64
+HF_CACHE_MULTIPLE = 64  # transformers' xLSTMCache rounds the qk and v head dims up to this
 # Fields that only steer transformers' torch execution: ignored on load, written with these values (use_cache is
 # written by model_config_to_hf: true only where transformers' cache fits the model).
 _HF_EXECUTION: dict[str, Any] = dict(
@@ -153,7 +153,7 @@ def model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "autocast_kernel_dtype": c.compute_dtype if c.compute_dtype in ("float32", "bfloat16") else "float32",
         "dtype": c.param_dtype,
         **_HF_EXECUTION,
-        # transformers' xLSTMCache sizes its memory with the qk dim rounded up to 64, which breaks decoding with
-        # a cache (transformers' default) for any other qk dim: such a model is written to decode without one
-        "use_cache": c.qk_dim % HF_CACHE_QK_MULTIPLE == 0,
+        # transformers' xLSTMCache sizes its memory with the qk and v dims rounded up to 64, which breaks decoding
+        # with a cache (transformers' default) for any other dims: such a model is written to decode without one
+        "use_cache": c.qk_dim % HF_CACHE_MULTIPLE == 0 and c.v_dim % HF_CACHE_MULTIPLE == 0,
     }

@@ -214,7 +214,8 @@ def export_hf_checkpoint(
     ``hf_fields`` add to or replace ``config.json`` entries. A tied head is written
     as a copy of the embedding (transformers does not tie); norm biases of a ``use_bias`` model are
     written as zeros. Loading the result gives back ``model`` bit for bit. ``use_cache`` is written false (with a
-    warning) where embedding_dim × qk_dim_factor is not a multiple of 64, which transformers' xLSTMCache needs.
+    warning) where embedding_dim × qk_dim_factor or × v_dim_factor is not a multiple of 64, which transformers'
+    xLSTMCache needs.
     """
     config, directory = model.config, Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -225,9 +226,11 @@ def export_hf_checkpoint(
     hf_config = {**model_config_to_hf(config), **hf_fields}
     if not hf_config["use_cache"]:
         logging.getLogger(__name__).warning(
-            "exported with use_cache=false: transformers' xLSTMCache needs embedding_dim * qk_dim_factor "
-            "(here %d) to be a multiple of 64, so its generate() recomputes the whole sequence at every step",
+            "exported with use_cache=false: transformers' xLSTMCache needs the qk and v dims (embedding_dim times "
+            "qk_dim_factor and v_dim_factor, here %d and %d) to be multiples of 64, so its generate() recomputes "
+            "the whole sequence at every step",
             config.qk_dim,
+            config.v_dim,
         )
     dtype = np.dtype(jnp.dtype(config.param_dtype))
     tensors: dict[str, np.ndarray] = {}
