@@ -1,5 +1,7 @@
 """xLSTMLM: equivalent execution paths, initialisation, dtype policy and bad input."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -247,3 +249,20 @@ def test_wrong_shapes_name_the_dimension(model, tokens):
         model(tokens[None, :])  # a batch must be vmapped, not passed whole
     with pytest.raises(TypeCheckError, match="parameter 'tokens'"):
         model(tokens.astype(jnp.float32))
+
+
+def test_a_state_that_is_not_this_models_is_named(model, tokens):
+    """MLSTMState is a NamedTuple, which no type checker looks inside: the model checks its shapes itself."""
+    _, state = model(tokens[:5])
+    model(tokens[5:], state)  # its own state: fine
+    batched = jax.tree.map(lambda a: jnp.stack([a, a]), state)
+    with pytest.raises(ValueError, match=r"state.C has shape \(2, 3, 2, 16, 32\); this model's is \(3, 2, 16, 32\)"):
+        model(tokens, batched)  # a batch's state passed to the one-row call
+    model.forward_batch(jnp.stack([tokens, tokens]), batched)  # where it belongs
+    other = build(dataclasses.replace(TINY, num_heads=4), key=jax.random.key(1))
+    with pytest.raises(ValueError, match=r"state.C has shape \(3, 4, 8, 16\)"):
+        model(tokens, other.init_state())
+    with pytest.raises(TypeError, match="state.m must be floating point, got int32"):
+        model(tokens, state._replace(m=state.m.astype(jnp.int32)))
+    with pytest.raises(TypeError, match="MLSTMState"):  # the type checker's error here; the model's without one
+        model(tokens, tuple(state))

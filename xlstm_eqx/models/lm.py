@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -104,6 +105,8 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
     ) -> tuple[Float[Array, "t vocab"], MLSTMState, dict[str, Float[Array, " blocks"]]]:
         """``__call__`` plus per-block diagnostics: mean input-gate pre-activation, mean forget gate and mean
         |cell output|, each of shape (num_blocks,). ``__call__`` drops them (XLA removes the unused work)."""
+        if state is not None:
+            self.check_state(state, (), tp_axis)
         add_row = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
         logits, state, stats = self.forward_batch(
             tokens[None], add_row(state), reset=add_row(reset), kernel=kernel, tp_axis=tp_axis,
@@ -145,6 +148,8 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         the stats. ``head(features)`` gives the logits; callers that need logits a slice of positions at a time
         (long-document evaluation) apply it piecewise, so (batch, t, vocab) never exists at once."""
         c = self.config
+        if state is not None:
+            self.check_state(state, tokens.shape[:1], tp_axis)
         if check_token_ids:
             tokens = check_token_range(tokens, c.vocab_size)
         x = jnp.take(self.embedding.weight, tokens, axis=0).astype(c.compute_dtype)
@@ -194,6 +199,28 @@ class xLSTMLM(eqx.Module):  # noqa: N801 - the model's published name
         shapes, static = eqx.partition(skeleton, is_leaf_array)
         arrays = jax.tree.unflatten(jax.tree.structure(shapes), jax.tree.leaves(eqx.filter(self, is_leaf_array)))
         return eqx.combine(arrays, static)
+
+    def check_state(self, state: Any, rows: tuple[int, ...] = (), tp_axis: str | None = None) -> None:
+        """A clear error for a recurrent state that is not this model's: not an ``MLSTMState``, leaves not
+        floating point, or shapes other than ``rows`` + :meth:`init_state`'s (batch, blocks, heads, …). With
+        ``tp_axis`` (inside ``shard_map``) the heads axis holds this device's share and is not compared."""
+        if not isinstance(state, MLSTMState):
+            raise TypeError(f"state must be an MLSTMState (init_state() or a previous call's), got {type(state)}")
+        c = self.config
+        lead = (*rows, c.num_blocks, c.num_heads)
+        expected = {"C": (*lead, c.qk_head_dim, c.v_head_dim), "n": (*lead, c.qk_head_dim), "m": lead}
+        heads = len(rows) + 1
+        for name, want in expected.items():
+            leaf = getattr(state, name)
+            have = tuple(jnp.shape(leaf))
+            same = len(have) == len(want) and all(
+                h == w or (tp_axis is not None and i == heads) for i, (h, w) in enumerate(zip(have, want))
+            )
+            if not same:
+                axes = "(rows, blocks, heads, …)" if rows else "(blocks, heads, …)"
+                raise ValueError(f"state.{name} has shape {have}; this model's is {want} {axes}")
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise TypeError(f"state.{name} must be floating point, got {jnp.result_type(leaf)}")
 
     def init_state(self) -> MLSTMState:
         """The empty memory for one sequence (all zeros, m = 0)."""
