@@ -38,7 +38,13 @@ def test_convert_jsonl_to_array_record_round_trips(tmp_path, capsys):
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"other": 1}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "kept"}\n')
+    assert main(["convert", str(good), "--out", str(tmp_path / "x.arecord")]) == 0
     assert main(["convert", str(bad), "--out", str(tmp_path / "x.arecord")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+    kept = open_documents(tmp_path / "x.arecord")  # the failed conversion neither truncated nor replaced it
+    assert [bytes(kept[i]).decode() for i in range(len(kept))] == ["kept"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "x.arecord"]  # no leftovers
     assert main(["params", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err

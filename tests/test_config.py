@@ -43,7 +43,8 @@ def test_derived_sizes_of_the_7b_preset():
         ("model.num_blocks=four", "model.num_blocks", "expected int"),
         ("model.num_blocks=2.5", "model.num_blocks", "expected int"),
         ("model.num_blocks=yes", "model.num_blocks", "expected int, got True"),  # YAML 1.1: yes is True (== 1)
-        ("loop.num_train_steps=true", "loop.num_train_steps", "expected int | None, got True"),
+        ("loop.num_train_steps=true", "loop.num_train_steps", "expected int or null, got True"),
+        ("model.kernel=chunked", "model.kernel", "expected one of 'chunkwise', 'parallel', 'recurrent', got 'chunked'"),
         ("mesh.data=false", "mesh.data", "expected int"),
         ("data.validation_files=[val.txt]", "data.validation_files", "read only with corpus: files"),
         ("data.worker_count=-1", "data.worker_count", "must be ≥ 0"),

@@ -107,6 +107,14 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
 
 
 def _hint_name(hint: Any) -> str:
+    """How an annotation reads in an error: a Literal as the values it allows, unions member by member."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in args)
+    if hint is type(None):
+        return "null"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

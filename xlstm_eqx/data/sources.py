@@ -9,6 +9,7 @@ small stand-ins for tests and benchmarks.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,19 +108,29 @@ class JsonlSource:
 
 
 def write_array_record(documents: Iterable[str], path: str | Path) -> int:
-    """Writes each document as one UTF-8 record of an ArrayRecord file; returns the number written."""
+    """Writes each document as one UTF-8 record of an ArrayRecord file; returns the number written.
+
+    All or nothing: the records go to a temporary file beside ``path``, which replaces ``path`` only once every
+    document is written. An error on the way (a bad line in the source) leaves ``path`` as it was, and no
+    truncated file that would read as a valid, shorter corpus."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = ArrayRecordWriter(str(path), "group_size:1")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    writer = ArrayRecordWriter(str(partial), "group_size:1")
     count = 0
     try:
-        for doc in documents:
-            writer.write(doc.encode("utf-8"))
-            count += 1
-    finally:
-        writer.close()
+        try:
+            for doc in documents:
+                writer.write(doc.encode("utf-8"))
+                count += 1
+        finally:
+            writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return count
 
 
