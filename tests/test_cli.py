@@ -48,3 +48,15 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "x.arecord"]  # no leftovers
     assert main(["params", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_tokenizer_command_trains_one_that_loads(tmp_path, capsys):
+    from xlstm_eqx.data.tokenizer import Tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 50)
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "--corpus", str(text), "--vocab-size", "300", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    tokenizer = Tokenizer.load(out)
+    assert tokenizer.vocab_size <= 300 and tokenizer.decode(tokenizer.encode("to be")) == "to be"

@@ -1,5 +1,6 @@
 """Command line: ``xlstm-eqx train`` (the main job; one process of a multi-process run with the distributed
-flags), ``launch`` (N local processes of one run), ``params`` and ``convert``. Thin by design: parse, wire, call."""
+flags), ``launch`` (N local processes of one run), ``params``, ``convert`` and ``tokenizer``. Thin by design:
+parse, wire, call."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 
 from .config import ConfigError, load_config
 from .data.sources import convert_to_array_record
+from .data.tokenizer import add_train_arguments, train_command
 from .host_memory import configure_host_memory, huge_page_advice
 from .io.checkpoint import CheckpointError
 from .loop.logger import LogPathError
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     to_records.add_argument("--out", required=True, help="the .arecord file to write")
     to_records.add_argument("--text-field", default="text", help="JSONL field holding the document text")
     to_records.set_defaults(fn=convert)
+    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text and save it as JSON")
+    add_train_arguments(tokenizer)
+    tokenizer.set_defaults(fn=train_command)
     args = parser.parse_args(argv)
     try:
         return _exit(args.fn(args))

@@ -1,9 +1,9 @@
 """Byte-level BPE tokenizers trained locally (no hub), and the small wrapper the data pipeline uses.
 
-The default tokenizer, :data:`DEFAULT_TOKENIZER`, ships with the package. It was made with this module's command::
+The default tokenizer, :data:`DEFAULT_TOKENIZER`, ships with the package. It was made with this module's command
+(also ``python -m xlstm_eqx.data.tokenizer train …``)::
 
-    python -m xlstm_eqx.data.tokenizer train --corpus default --vocab-size 4096 \\
-        --out xlstm_eqx/data/assets/shakespeare_bpe4096.json
+    xlstm-eqx tokenizer --corpus default --vocab-size 4096 --out xlstm_eqx/data/assets/shakespeare_bpe4096.json
 
 i.e. byte-level BPE (every byte is in the alphabet, so any text round-trips) trained on the train split of the
 default corpus (:mod:`xlstm_eqx.data.corpus`), with the special tokens ``<|endoftext|>`` (id 0: end of document,
@@ -165,23 +165,22 @@ def chars_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
     return sum(len(t) for t in texts) / max(n_tokens, 1)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m xlstm_eqx.data.tokenizer train --corpus default|PATH... --vocab-size N --out FILE``."""
-    from .corpus import read_documents
-
-    parser = argparse.ArgumentParser(prog="python -m xlstm_eqx.data.tokenizer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a byte-level BPE tokenizer and save it as tokenizer JSON")
-    train.add_argument(
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the tokenizer-training command (``xlstm-eqx tokenizer``, or this module's ``train``)."""
+    parser.add_argument(
         "--corpus",
         nargs="+",
         default=["default"],
         metavar="default|PATH",
         help="'default' (train split of the Shakespeare corpus), text files, or folders of .txt files",
     )
-    train.add_argument("--vocab-size", type=int, default=4096)
-    train.add_argument("--out", type=Path, required=True, help="output tokenizer .json file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--out", type=Path, required=True, help="output tokenizer .json file")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Trains and saves the tokenizer the parsed options ask for, and prints what it wrote."""
+    from .corpus import read_documents
 
     files = corpus_files(args.corpus)
     out = train_bpe_tokenizer(read_documents(files), args.vocab_size, args.out)
@@ -192,6 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{cpt:.3f} chars/token on the training text"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m xlstm_eqx.data.tokenizer train …`` (the same as ``xlstm-eqx tokenizer …``)."""
+    parser = argparse.ArgumentParser(prog="python -m xlstm_eqx.data.tokenizer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_arguments(sub.add_parser("train", help="train a byte-level BPE tokenizer and save it as tokenizer JSON"))
+    return train_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
