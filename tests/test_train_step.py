@@ -271,6 +271,16 @@ def test_bad_batches_and_meshes_are_named():
                                                                   bad.segment_ids, bad.positions))))  # fmt: skip
 
 
+def test_a_default_mesh_that_leaves_a_process_out_is_refused(monkeypatch):
+    """Two processes of four devices each: a data=4 mesh over the default devices would hold only process 0's."""
+    import types
+
+    fake = [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
+    monkeypatch.setattr(jax, "devices", lambda: fake)
+    with pytest.raises(ValueError, match=r"leaves out every device of process\(es\) \[1\]"):
+        make_mesh(MeshConfig(data=4))
+
+
 def test_a_donated_state_passed_again_is_refused_by_name():
     """Donation frees the state's buffers; XLA:CPU would read them anyway (a segfault on several devices)."""
     mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])

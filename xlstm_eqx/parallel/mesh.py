@@ -19,8 +19,10 @@ FSDP_AXIS = "fsdp"
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     """A mesh over ``devices`` (default: all) with Auto axis types (GSPMD propagation outside shard_map).
 
-    Raises ValueError naming the sizes when the mesh does not fit the devices present.
+    Raises ValueError naming the sizes when the mesh does not fit the devices present, or when (over the default
+    devices of a multi-process run) it would leave out every device of some process.
     """
+    every_process = devices is None
     devices = list(devices if devices is not None else jax.devices())
     fixed = config.fsdp * config.model
     data = config.data if config.data != -1 else len(devices) // fixed
@@ -30,6 +32,13 @@ def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
         raise ValueError(
             f"mesh data={config.data} fsdp={config.fsdp} model={config.model} needs {max(needed, fixed)} devices "
             f"(a multiple of {fixed} for data=-1), but {len(devices)} are present"
+        )
+    left_out = sorted({d.process_index for d in devices} - {d.process_index for d in devices[:needed]})
+    if every_process and left_out:  # their steps would have no devices of the mesh to run on
+        raise ValueError(
+            f"mesh data={config.data} fsdp={config.fsdp} model={config.model} takes the first {needed} of "
+            f"{len(devices)} devices and leaves out every device of process(es) {left_out}; size the mesh to all "
+            "devices (data=-1) or start fewer processes"
         )
     grid = np.asarray(devices[:needed], dtype=object).reshape(shape)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
