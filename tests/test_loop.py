@@ -320,6 +320,21 @@ def test_the_last_partial_log_interval_gets_its_own_row(tiny_module, tmp_path):
     assert [r["log_step"] for r in _train_rows(tmp_path / "stop")] == [5, 7]
 
 
+def test_training_learns_the_streams_pattern(tiny):
+    """The stream's rows repeat every token pair: 30 steps must lower both the train loss and the loss on held-out
+    batches of the same pattern well below their start (a loop that trains nothing would pass every other test)."""
+    state, train_step, eval_step, *_ = tiny
+    losses = []
+    record = on(["step"], lambda e: losses.append(e.loss))
+    held_out = [next(Stream(seed=99)) for _ in range(2)]
+    before = evaluate(eval_step, state, held_out)["loss"]
+    result = fit(state, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=30), hooks=[record])
+    after = evaluate(eval_step, result.state, held_out)["loss"]
+    assert result.status == "success" and len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert after < 0.8 * before
+
+
 def test_a_stop_at_epoch_start_ends_training_before_that_epoch(tiny):
     state, train_step, eval_step, *_ = tiny
     stopper = on(["epoch_start"], lambda e: [Stop("time_limit", "no time for epoch 2")] if e.epoch == 2 else None)

@@ -1,5 +1,6 @@
 """Step functions: sharded == single device, accumulation == big batch, NaN skipping, debug == jit, errors."""
 
+import dataclasses
 import functools
 import math
 import re
@@ -316,6 +317,17 @@ def test_intermediates_and_per_parameter_norms_are_logged():
     for key, value in logged.items():
         if key.startswith("intermediates/"):
             assert tp_history[0][key] == pytest.approx(value, rel=1e-5), key
+    # Equal with gradient accumulation over two micro-batches, looped or scanned (each half's statistics weigh
+    # half): the same keys, the same averages.
+    for scan in (False, True):
+        accumulated = dataclasses.replace(config, gradient_accumulate_steps=2, gradient_accumulate_scan=scan)
+        _, micro_history, _ = run((2, 1, 1), accumulated, steps=1, tx=optax.sgd(0.1))
+        assert sorted(k for k in micro_history[0] if k.startswith("intermediates/")) == sorted(
+            k for k in logged if k.startswith("intermediates/")
+        )
+        for key, value in logged.items():
+            if key.startswith("intermediates/") and key.endswith("_mean"):
+                assert micro_history[0][key] == pytest.approx(value, rel=1e-5), (scan, key)
 
 
 def _group_size(groups: str, devices: int) -> int:
@@ -399,3 +411,20 @@ def test_token_ids_are_checked_where_they_are_used():
         )
         with pytest.raises(Exception, match=r"token id outside \[0, vocab_size=64\)"):
             jax.block_until_ready(step(state, bad))
+
+
+def test_evaluation_batches_draw_their_own_reproducible_numbers():
+    """A loss that draws from its key (dropout at evaluation, say): each batch gets its own draw, and the same
+    batch the same draw again (the key comes from seed_eval and the batch's tokens)."""
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    state, static = init(perturbed_model(jax.random.key(1)), optax.sgd(0.1), key=jax.random.key(2), mesh=mesh)
+
+    def noisy_loss(model, batch, key, **kwargs):
+        draw = jax.random.uniform(key)
+        return draw, {"loss": Measured(draw, jnp.ones(())), "draw": Measured(draw, jnp.ones(()))}
+
+    eval_step = make_eval_step(static, mesh, loss_fn=noisy_loss, modes=("single",))
+    batches = [make_batch(jax.random.key(10 + i), rows=4) for i in range(3)]
+    draws = [float(to_host(eval_step(state, b))["draw_single"]) for b in batches]
+    assert len(set(draws)) == 3
+    assert float(to_host(eval_step(state, batches[1]))["draw_single"]) == draws[1]

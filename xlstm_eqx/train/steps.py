@@ -196,6 +196,13 @@ def make_train_step(
     return checked_train_step
 
 
+def _fingerprint(tokens: jax.Array) -> jax.Array:
+    """A uint32 hash of a block of token ids (position-weighted, wrapping): what an evaluation batch folds into
+    its key, so that batches draw different numbers without the step being told their index."""
+    weights = jnp.arange(tokens.size, dtype=jnp.uint32).reshape(tokens.shape) * jnp.uint32(2654435761) + 1
+    return jnp.sum(tokens.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+
+
 def _donated(state: TrainState) -> bool:
     """Whether ``state`` went into a donating step already. Donation frees every buffer of the state at once, so
     its step counter tells; reusing it would make XLA:CPU read freed memory (a segfault on multi-device meshes)."""
@@ -247,7 +254,8 @@ def make_eval_step(
     (None starts fresh). Metric names carry no postfix (mode ``mean_nopostfix``) unless ``modes`` says otherwise:
     a mapping sets the modes of the metrics it names (e.g. ``single_noreduce`` for per-example values, see
     :mod:`xlstm_eqx.eval.extended`), a mode or sequence of modes applies to all; randomness, if the
-    loss uses any, is fixed by ``seed_eval`` so evaluation is reproducible. The default ``loss_fn``,
+    loss uses any, comes from ``seed_eval`` and the batch's tokens, so evaluation is reproducible and every
+    batch draws its own numbers. The default ``loss_fn``,
     :func:`~.loss.lm_eval_loss`, measures what :func:`~.loss.lm_loss` does with the head run on slices of
     positions, so evaluation memory does not grow with rows × time × vocab.
 
@@ -260,7 +268,8 @@ def make_eval_step(
 
     def local_eval(params, batch, specs):
         model = eqx.combine(gather_fsdp(params, specs), static)
-        key = jax.random.fold_in(jax.random.key(config.seed_eval), lax.axis_index(rows_axes))
+        key = jax.random.fold_in(jax.random.key(config.seed_eval), _fingerprint(batch.inputs))
+        key = jax.random.fold_in(key, lax.axis_index(rows_axes))
         _, measured = loss_fn(model, batch, key, z_loss=config.z_loss, tp_axis=tp_axis)
         return reduce_measured(measured, eval_modes, rows_axes)
 
