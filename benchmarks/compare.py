@@ -12,7 +12,8 @@ What is measured
       same ModelConfig fields, mode "train", chunkwise kernel ``--peer-kernel`` (default
       ``chunkwise--native_autograd``: pure torch, autograd backward), sequence and step kernels native,
       ``return_last_states=True`` (xlstm 2.0.6's layer fails in train mode without it; the states are dropped);
-      ``torch.optim.AdamW`` with the same lr, betas, eps, weight decay and no-decay patterns
+      ``torch.optim.AdamW(fused=True)`` (torch's fastest CPU path) with the same lr, betas, eps, weight decay and
+      no-decay patterns
       (``cfg.optim.weight_decay_exclude`` searched in torch's parameter names), ``clip_grad_norm_`` 1.0, mean
       cross-entropy on float32 logits; ``torch.set_num_threads(os.cpu_count())``. bf16: forward and loss under
       ``torch.autocast("cpu", dtype=torch.bfloat16)`` (parameters and optimizer float32).
@@ -27,8 +28,9 @@ How
     ``<side>_settle_median_s``), so that load from other processes falls on both. Per side: the median of all
     its timed step times → tokens/s = batch·T / median; ``ratio`` = ours ÷ peer tokens/s (> 1: ours faster).
     ``ours_compiles_during_timing`` must be 0. FLOPs per token come from ``flops_per_token`` of
-    benchmarks/model.py (same network, same figure for both), GFLOP/s and MFU against the measured float32
-    ``jit(jnp.dot)`` 2048² roofline (its own ``matmul_roofline`` line); the contention probe (_common.py) is
+    benchmarks/model.py (same network, same figure for both), GFLOP/s and MFU against the measured
+    ``jit(jnp.dot)`` 2048² roofline of the precision (its own ``matmul_roofline`` line: float32, or bfloat16
+    operands with a float32 result for bf16); the contention probe (_common.py) is
     taken before and after the timed rounds. Loss (≈ ln V at initialisation) is a sanity check.
 
 Set-up
@@ -69,6 +71,7 @@ from _common import (  # noqa: E402
 from model import PRESETS, ROOT, flops_per_token  # noqa: E402
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+ROOFLINE_DTYPES = PRECISIONS  # MFU of each precision against the dot of its own operand dtype
 PEER_KERNELS = ("chunkwise--native_autograd", "chunkwise--native_custbw")
 WARMUP_STEPS = 2
 PEER_HINT = "make bench-compare sets up .venv-peer"
@@ -137,7 +140,10 @@ class PeerTrainStep:
             {"params": [p for n, p in named if not no_decay(n)], "weight_decay": optim.weight_decay},
             {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=(optim.b1, optim.b2), eps=optim.eps)
+        # fused: torch's one-kernel AdamW, its fastest on CPU (its default there is the per-tensor loop, which
+        # cost B's step 55-61 against 17-19 ms); ours is one fused XLA update
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=(optim.b1, optim.b2), eps=optim.eps,
+                                           fused=True)  # fmt: skip
         self.clip = optim.grad_clip_norm
         host_tokens = torch.from_numpy(np.array(tokens)).long()
         self.inputs, self.targets = host_tokens[:, :-1].contiguous(), host_tokens[:, 1:].contiguous()
@@ -254,7 +260,8 @@ def compare(preset: str, precision: str, args: argparse.Namespace, roofline: flo
         "mflop_per_token": round(flops / 1e6, 2),
         "ours_gflops": round(gflops["ours"], 1),
         "peer_gflops": round(gflops["peer"], 1),
-        "roofline_fp32_gflops": roofline,
+        "roofline_dtype": ROOFLINE_DTYPES[precision],
+        "roofline_gflops": roofline,
         "ours_mfu": round(gflops["ours"] / roofline, 4),
         "peer_mfu": round(gflops["peer"] / roofline, 4),
         "ours_loss_first": round(ours_losses[0], 4),
@@ -297,11 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    roofline = matmul_gflops(2048, "float32")
-    emit(roofline)
+    rooflines = {precision: matmul_gflops(2048, ROOFLINE_DTYPES[precision]) for precision in args.precisions}
+    for roofline in rooflines.values():
+        emit(roofline)
     for preset in args.configs:
         for precision in args.precisions:
-            compare(preset, precision, args, roofline["gflops"])
+            compare(preset, precision, args, rooflines[precision]["gflops"])
             gc.collect()
 
 
