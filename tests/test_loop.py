@@ -335,6 +335,25 @@ def test_training_learns_the_streams_pattern(tiny):
     assert after < 0.8 * before
 
 
+def test_evaluation_does_not_depend_on_how_a_set_is_split_and_padded(tiny):
+    """The same rows as one batch, or split unevenly over two batches filled up with fully masked padding rows
+    (as the evaluation pipeline pads its last batch): the same token-weighted loss and accuracy."""
+    state, _, eval_step, *_ = tiny
+    full = next(Stream(seed=5))
+
+    def rows(batch, start, stop, total):
+        def take(x):
+            pad = jnp.zeros((total - (stop - start), *x.shape[1:]), x.dtype)
+            return jnp.concatenate([x[start:stop], pad])
+
+        return jax.tree.map(take, batch)
+
+    whole = evaluate(eval_step, state, [full])
+    split = evaluate(eval_step, state, [rows(full, 0, 5, 8), rows(full, 5, 8, 8)])
+    for name in ("loss", "accuracy"):
+        assert split[name] == pytest.approx(whole[name], rel=1e-6), name
+
+
 def test_a_stop_at_epoch_start_ends_training_before_that_epoch(tiny):
     state, train_step, eval_step, *_ = tiny
     stopper = on(["epoch_start"], lambda e: [Stop("time_limit", "no time for epoch 2")] if e.epoch == 2 else None)

@@ -127,6 +127,20 @@ def test_sharded_equals_single_device(single_device, mesh_shape):
         assert relative(a, b) <= 1e-5
 
 
+def test_gradient_clipping_on_a_sharded_mesh_equals_one_device():
+    """The global norm that clipping divides by spans every shard (FSDP and tensor-parallel pieces alike)."""
+    from xlstm_eqx.train.optim import clip_by_global_norm
+
+    tx = optax.chain(clip_by_global_norm(1e-3), optax.sgd(0.1, momentum=0.9))
+    ref_params, ref_history, _ = run((1, 1, 1), tx=tx, steps=2)
+    assert all(step["grad_norm_mean"] > 1e-2 for step in ref_history)  # clipping really scales every step
+    params, history, _ = run((2, 2, 2), tx=tx, steps=2)
+    for step, ref_step in zip(history, ref_history, strict=True):
+        assert step["grad_norm_mean"] == pytest.approx(ref_step["grad_norm_mean"], rel=1e-5)
+    for leaf, ref_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(leaf, ref_leaf, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)])
 def test_sharded_equals_single_device_float64(x64, single_device_float64, mesh_shape):
     """Exact math with the real optimizer: parameters after three AdamW steps agree to rounding in float64."""
