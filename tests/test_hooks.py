@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from loop_setup import Stream
+from loop_setup import Stream, setup
 
 from xlstm_eqx.config.run import LoopConfig
 from xlstm_eqx.loop import Event, Log, fit, lr_monitor, profiler
@@ -20,6 +20,32 @@ def test_lr_monitor_logs_at_its_steps_and_at_the_end_of_its_epochs(tiny):
     assert logged["step", 4] == expected and logged["epoch_end", 6] == expected
     epochs_only = lr_monitor(schedule, every=0, every_epochs=1)
     assert epochs_only(Event("step", 4, 1, state)) is None and epochs_only(Event("epoch_end", 4, 1, state))
+
+
+@pytest.mark.parametrize(
+    "schedule_fields",
+    [dict(warmup_steps=3, decay="cosine", decay_steps=6), dict(warmup_steps=0, decay="linear", decay_steps=9),
+     dict(warmup_steps=2, decay="constant", cooldown_steps=4)],
+)  # fmt: skip
+def test_lr_monitor_logs_the_rate_each_update_applied_along_a_run(schedule_fields):
+    """Through training, at every 3rd step: the documented schedule at the update count before that step."""
+    from test_schedules import reference_lr
+
+    from xlstm_eqx.config.optim import OptimConfig
+
+    optim = OptimConfig(learning_rate=3e-3, end_lr_factor=0.1, **schedule_fields)
+    state, train_step, eval_step, schedule, *_ = setup(optim=optim, total_steps=12)
+    monitor, logged = lr_monitor(schedule, every=3), {}
+
+    def record(event):
+        actions = monitor(event)
+        if actions:
+            logged[event.step] = actions[0].metrics["optimizer/lr"]
+
+    fit(state, train_step, eval_step, Stream(), config=LoopConfig(num_train_steps=12), hooks=[record])
+    assert sorted(logged) == [3, 6, 9, 12]
+    for step, value in logged.items():
+        assert value == pytest.approx(reference_lr(optim, step - 1, 12), rel=1e-5, abs=1e-9), step
 
 
 def test_profiler_traces_the_step_range(tiny, tmp_path):
