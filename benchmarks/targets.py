@@ -3,7 +3,9 @@
 What is measured (config A, configs/bench_a.yaml: V2048 D256 L4 H4, chunkwise kernel, float32, one device)
     scaling  tokens/s of the library train step (``xe.train.make_train_step`` set up by ``init_train_step``, AdamW
              of ``cfg.optim``, as step.py does it) at T=512 × batch 16 and at T=8192 × batch 1: 8192 tokens per
-             step in both. ``target_scaling``: ratio = tokens/s(T=8192) ÷ tokens/s(T=512); met when ≥ 0.8.
+             step in both, each run in its own process, the two lengths alternating over ``--scaling-repeats``
+             rounds (default 2). ``target_scaling``: ratio = median tokens/s(T=8192) ÷ median tokens/s(T=512);
+             met when ≥ 0.8.
     compile  trace_s = ``train_step.lower(state, batch)`` and compile_s = ``.compile()`` of that train step (T=256 ×
              batch 8, as step.py) with ``model.num_blocks`` 2 and 24, blocks scanned (bench_a.yaml's default).
              ``target_compile``: ratio = compile_s(24) ÷ compile_s(2) (met when ≤ 1.5); ``ratio_total`` is the
@@ -55,6 +57,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -248,14 +251,18 @@ def _ratio(a: dict | None, b: dict | None, field: str) -> float | None:
 def parent(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if "scaling" in args.targets:
-        runs = []
-        for t_len in args.scaling_T:
-            batch = max(1, args.scaling_tokens // t_len)
-            runs.append(_run(args, ["scaling", str(t_len), str(batch)], "target_scaling_step"))
-        short, long = runs[0], runs[-1]
+        # the lengths alternate over --scaling-repeats rounds, so the machine's drift falls on both
+        rates: dict[int, list] = {t_len: [] for t_len in args.scaling_T}
+        for _ in range(args.scaling_repeats):
+            for t_len in args.scaling_T:
+                batch = max(1, args.scaling_tokens // t_len)
+                run = _run(args, ["scaling", str(t_len), str(batch)], "target_scaling_step")
+                rates[t_len].append(run and run["tokens_per_s"])
+        medians = [None if None in r else statistics.median(r) for r in rates.values()]
+        short, long = ({"tokens_per_s": m} for m in (medians[0], medians[-1]))
         _target(args, "scaling", _ratio(long, short, "tokens_per_s"),
                 {"T_short": args.scaling_T[0], "T_long": args.scaling_T[-1],
-                 "tokens_per_s": [r and r["tokens_per_s"] for r in (short, long)],
+                 "tokens_per_s": [medians[0], medians[-1]], "tokens_per_s_runs": list(rates.values()),
                  "tokens_per_step": args.scaling_tokens})  # fmt: skip
     if "compile" in args.targets:
         for scan in ["true", "false"] if args.compile_unrolled else ["true"]:
@@ -311,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also measure scan_blocks=false (information only; ≈1 min at depth 24)")  # fmt: skip
     parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens (64)")
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--scaling-repeats", type=int, default=2, help="alternating runs of each length")
     parser.add_argument("--memory-tokens", type=int, nargs=2, default=None, help="document lengths (4096 65536)")
     parser.add_argument("--eval-chunk", type=int, default=2048, help="chunk_size of the recurrent eval")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
