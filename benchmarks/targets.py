@@ -258,7 +258,7 @@ def parent(args: argparse.Namespace) -> None:
                 batch = max(1, args.scaling_tokens // t_len)
                 run = _run(args, ["scaling", str(t_len), str(batch)], "target_scaling_step")
                 rates[t_len].append(run and run["tokens_per_s"])
-        medians = [None if None in r else statistics.median(r) for r in rates.values()]
+        medians = [None if None in r else round(statistics.median(r), 1) for r in rates.values()]
         short, long = ({"tokens_per_s": m} for m in (medians[0], medians[-1]))
         _target(args, "scaling", _ratio(long, short, "tokens_per_s"),
                 {"T_short": args.scaling_T[0], "T_long": args.scaling_T[-1],
