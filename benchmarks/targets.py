@@ -197,7 +197,7 @@ def child_memory(n_tokens: int, args: argparse.Namespace) -> None:
     build = functools.partial(xe.models.build, cfg.model)
     state, static = xe.train.init(build, xe.train.build_optimizer(cfg.optim), key=jax.random.key(args.seed),
                                   mesh=mesh, fsdp_min_weight_size=min_size)  # fmt: skip
-    state = eqx.tree_at(lambda s: s.opt_state, state, None, is_leaf=lambda x: x is None)  # parameters only
+    state = eqx.tree_at(lambda s: s.opt_state, state, None)  # parameters only
     eval_step = make_recurrent_eval_step(static, mesh, cfg.train, chunk_size=args.eval_chunk,
                                          fsdp_min_weight_size=min_size)  # fmt: skip
     tokens = jax.random.randint(jax.random.key(args.seed + 1), (1, n_tokens + 1), 0, cfg.model.vocab_size, jnp.int32)

@@ -78,9 +78,8 @@ def params(args: argparse.Namespace) -> int:
 
         shapes = eqx.filter(eqx.filter_eval_shape(build, config.model, key=jax.random.key(0)),
                             lambda x: isinstance(x, jax.ShapeDtypeStruct))  # fmt: skip
-        optim = config.optim
         rows = param_rows(shapes, abstract_mesh(config.mesh), fsdp_min_weight_size=config.mesh.fsdp_min_weight_size,
-                          weight_decay_exclude=optim.weight_decay_exclude, weight_decay=optim.weight_decay)  # fmt: skip
+                          optim=config.optim)  # fmt: skip
         print(format_param_table(rows))
         return 0
     print(json.dumps({"config": args.config, "parameters": count_params(config.model)}))

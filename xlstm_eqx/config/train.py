@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from .parsing import ConfigError
 
-LOG_MODES = ("mean", "mean_nopostfix", "single", "max", "std", "single_noreduce", "single_noreduce_wcount")
+# Per-example values, gathered rather than summed over devices (see train.metrics).
+PER_EXAMPLE_MODES = ("single_noreduce", "single_noreduce_wcount")
+LOG_MODES = ("mean", "mean_nopostfix", "single", "max", "std", *PER_EXAMPLE_MODES)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class TrainConfig:
             unknown = [m for m in getattr(self, name) if m not in LOG_MODES]
             if unknown:
                 raise ConfigError(name, f"unknown log modes {unknown}; choose from {list(LOG_MODES)}")
-            per_example = [m for m in getattr(self, name) if m.endswith("_noreduce") or m.endswith("_noreduce_wcount")]
+            per_example = [m for m in getattr(self, name) if m in PER_EXAMPLE_MODES]
             if per_example:
                 raise ConfigError(
                     name,

@@ -132,9 +132,7 @@ def train_job(
                 state = target  # already a fresh, concrete state
         if state is None:
             state, static = init(builder, tx, key=key, mesh=mesh, fsdp_min_weight_size=fsdp_min)
-        rows = param_rows(state.params, mesh, fsdp_min_weight_size=fsdp_min,
-                          weight_decay_exclude=config.optim.weight_decay_exclude,
-                          weight_decay=config.optim.weight_decay)  # fmt: skip
+        rows = param_rows(state.params, mesh, fsdp_min_weight_size=fsdp_min, optim=config.optim)
         logger.info("parameters:\n%s", format_param_table(rows))
         train_step = make_train_step(static, tx, mesh, config.train, fsdp_min_weight_size=fsdp_min)
         eval_step = make_eval_step(static, mesh, config.train, fsdp_min_weight_size=fsdp_min)

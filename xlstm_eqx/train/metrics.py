@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float32, Real
 
-MODES = ("mean", "mean_nopostfix", "single", "max", "std", "single_noreduce", "single_noreduce_wcount")
-NOREDUCE_MODES = ("single_noreduce", "single_noreduce_wcount")
+from ..config.train import LOG_MODES, PER_EXAMPLE_MODES
+
+MODES, NOREDUCE_MODES = LOG_MODES, PER_EXAMPLE_MODES
 _SUFFIX = {mode: "" if mode == "mean_nopostfix" else "_" + mode for mode in MODES}
 
 

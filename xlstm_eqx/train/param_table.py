@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from ..config.mesh import MeshConfig
+from ..config.optim import OptimConfig
 from ..parallel.mesh import AXES
 from ..parallel.sharding import dotted_path, parameter_spec
 from .optim import weight_decay_mask
@@ -32,13 +33,13 @@ def param_rows(
     mesh: Mesh | AbstractMesh,
     *,
     fsdp_min_weight_size: int = 2**18,
-    weight_decay_exclude: Sequence[str] = ("norm", "bias", "embedding"),
-    weight_decay: float = 0.1,
+    optim: OptimConfig = OptimConfig(),
 ) -> list[dict[str, Any]]:
-    """One row per array leaf of ``params`` (arrays or ShapeDtypeStructs), in tree order. ``decay``: whether the
-    optimizer decays it (never when ``weight_decay`` is 0, else unless ``weight_decay_exclude`` matches it)."""
-    decays = jax.tree.leaves(weight_decay_mask(params, weight_decay_exclude))
-    decays = decays if weight_decay else [False] * len(decays)
+    """One row per array leaf of ``params`` (arrays or ShapeDtypeStructs), in tree order. ``decay``: whether
+    ``optim``'s optimizer decays it (never when its ``weight_decay`` is 0, else unless ``weight_decay_exclude``
+    matches it)."""
+    decays = jax.tree.leaves(weight_decay_mask(params, optim.weight_decay_exclude))
+    decays = decays if optim.weight_decay else [False] * len(decays)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     rows = []
     for (path, leaf), decay in zip(leaves, decays, strict=True):
