@@ -82,3 +82,13 @@ def job_config(corpus, run_dir, *overrides):
             f"log.run_dir={run_dir}", *overrides,
         ],
     )  # fmt: skip
+
+
+def recorder():
+    """(hook, seen): the hook appends (kind, step, epoch, trigger) of every event it is given to ``seen``."""
+    seen = []
+
+    def hook(event):
+        seen.append((event.kind, event.step, event.epoch, event.trigger))
+
+    return hook, seen

@@ -1,4 +1,5 @@
-"""fit and hooks: events at exactly the expected steps, combinators, logs read back equal to the metrics."""
+"""fit: events at exactly the expected steps, stops, non-finite steps, learning, logs read back equal to the metrics
+(combinators: test_events.py; evaluation: test_evaluate.py)."""
 
 import csv
 import json
@@ -9,108 +10,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from loop_setup import Stream, eval_set
+from loop_setup import Stream, eval_set, recorder
 
-from xlstm_eqx.config.mesh import MeshConfig
 from xlstm_eqx.config.run import LogConfig, LoopConfig
 from xlstm_eqx.loop import (
-    Event,
-    Log,
     RunLogger,
     Stop,
     evaluate,
-    every_n_epochs,
-    every_n_steps,
-    fire,
     fit,
     lr_monitor,
-    main_process_only,
     on,
-    plan_steps,
 )
-from xlstm_eqx.parallel import make_mesh
-from xlstm_eqx.train import make_eval_step, to_host
-
-
-def recorder():
-    seen = []
-
-    def hook(event):
-        seen.append((event.kind, event.step, event.epoch, event.trigger))
-
-    return hook, seen
-
-
-# ---- combinators (pure) -------------------------------------------------------------------------------------------
-
-
-def events_of(kinds_steps):
-    return [Event(kind, step, epoch, trigger=trigger) for kind, step, epoch, trigger in kinds_steps]
-
-
-@pytest.mark.parametrize("n", [-1, 1, 2, 7])
-def test_every_n_steps_fires_only_at_multiples(n):
-    hook, seen = recorder()
-    filtered = every_n_steps(n, hook)
-    for step in range(1, 30):
-        filtered(Event("step", step, 1))
-    filtered(Event("val_end", 5, 1, trigger="step"))
-    expected = [s for s in range(1, 30) if n > 0 and s % n == 0]
-    assert [s for kind, s, _, _ in seen if kind == "step"] == expected
-    assert ("val_end", 5, 1, "step") in seen  # other events pass
-
-
-@pytest.mark.parametrize("n", [-1, 1, 2, 7])
-def test_every_n_epochs_filters_epoch_events_and_epoch_validations(n):
-    hook, seen = recorder()
-    filtered = every_n_epochs(n, hook)
-    for epoch in range(1, 15):
-        filtered(Event("epoch_start", epoch * 10 - 10, epoch))
-        filtered(Event("epoch_end", epoch * 10, epoch))
-        filtered(Event("val_end", epoch * 10, epoch, trigger="epoch"))
-        filtered(Event("val_end", epoch * 10 - 5, epoch, trigger="step"))
-    fired = {(k, e) for k, _, e, t in seen if t != "step"}
-    expected = {(k, e) for e in range(1, 15) if n > 0 and e % n == 0 for k in ("epoch_start", "epoch_end", "val_end")}
-    assert fired == expected
-    assert len([1 for k, _, _, t in seen if t == "step"]) == 14  # step-triggered validations never skipped
-
-
-def test_main_process_only_and_on():
-    hook, seen = recorder()
-    main_process_only(on(["step"], hook))(Event("step", 1, 1, process_index=1))
-    main_process_only(on(["step"], hook))(Event("val_end", 1, 1))
-    main_process_only(on(["step"], hook))(Event("step", 2, 1, process_index=0))
-    assert seen == [("step", 2, 1, "")]
-    with pytest.raises(ValueError, match="unknown event kinds"):
-        on(["stepp"], hook)
-    with pytest.raises((ValueError, TypeError), match="stepp"):  # TypeError when beartype checks the Literal
-        Event("stepp", 1, 1)
-
-
-def test_fire_merges_logs_and_keeps_first_stop():
-    hooks = [
-        lambda e: [Log({"a": 1.0})],
-        lambda e: [Stop("nan", "first"), Log({"b": 2.0}, "val")],
-        lambda e: [Stop("other", "second"), Log({"c": 3.0})],
-    ]
-    logged, stop = fire(hooks, Event("step", 3, 1))
-    assert logged == {None: {"a": 1.0, "c": 3.0}, "val": {"b": 2.0}}
-    assert stop == Stop("nan", "first")
-    with pytest.raises(TypeError, match="expected Log or Stop"):
-        fire([lambda e: ["oops"]], Event("step", 1, 1))
-
-
-def test_plan_steps():
-    assert plan_steps(LoopConfig(num_epochs=3), 7) == (21, 7)
-    assert plan_steps(LoopConfig(num_train_steps=10), None) == (10, 10)
-    assert plan_steps(LoopConfig(num_train_steps=10, steps_per_epoch=4), 99) == (10, 4)
-    with pytest.raises(ValueError, match="loop.num_train_steps"):
-        plan_steps(LoopConfig(), 5)
-    with pytest.raises(ValueError, match="steps_per_epoch"):
-        plan_steps(LoopConfig(num_epochs=2), None)
-
-
-# ---- the loop ----------------------------------------------------------------------------------------------------
 
 
 def test_fit_fires_each_event_at_the_expected_steps(tiny):
@@ -255,47 +165,6 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path):
         RunLogger(blocker / "run")
 
 
-def test_dict_of_validation_sets_prefixes_each_sets_metrics(tiny):
-    state, train_step, eval_step, *_ = tiny
-    sets = {"plays": eval_set(1, seed=7), "sonnets": lambda: iter(eval_set(2, seed=8))}
-    config = LoopConfig(num_train_steps=2, check_val_every_n_epoch=1)
-    result = fit(state, train_step, eval_step, Stream(), config=config, val_data=sets)
-    metrics = result.results["val_epoch_1"]
-    alone = {name: evaluate(eval_step, result.state, one) for name, one in sets.items()}
-    for name in sets:
-        for key in ("loss", "accuracy", "perplexity"):
-            assert metrics[f"{name}_{key}"] == alone[name][key]
-    assert "loss" not in metrics
-
-
-def test_validation_and_test_passes_show_bars_of_their_own_when_the_progress_bar_is_on(tiny, capsys):
-    start, train_step, eval_step, *_ = tiny
-    sets = {"plays": eval_set(2, seed=7), "sonnets": lambda: iter(eval_set(1, seed=8))}
-    for shown in (True, False):
-        config = LoopConfig(num_train_steps=2, check_val_every_n_epoch=1, enable_progress_bar=shown)
-        state = jax.tree.map(jnp.copy, start)  # fit donates it; each run trains, validates and tests
-        result = fit(state, train_step, eval_step, Stream(), config=config, val_data=sets, test_data=eval_set(1))
-        assert sorted(result.results) == ["test", "val_epoch_1"]
-        bars = capsys.readouterr().err
-        labels = ("Training", "validation plays", "validation sonnets", "test")
-        assert [label in bars for label in labels] == [shown] * 4, bars
-        assert ("/2" in bars.partition("validation plays")[2]) == shown  # a list's length is the bar's total
-
-
-def test_evaluation_compiles_one_program_for_first_and_later_batches_and_any_optimizer_state(tiny):
-    state, _, _, _, static, _ = tiny
-    eval_step = make_eval_step(static, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-    data = eval_set(3)
-    whole = evaluate(eval_step, state, data)
-    by_hand = None
-    for batch in data:
-        by_hand = eval_step(state, batch, by_hand)
-    assert to_host(by_hand)["loss"] == whole["loss"]
-    without_optimizer = eqx.tree_at(lambda s: s.opt_state, state, ())  # e.g. a state restored for testing
-    assert evaluate(eval_step, without_optimizer, data)["loss"] == whole["loss"]
-    assert eval_step.batch_step._cache_size() == 1  # running metrics absent or not, optimizer state or not
-
-
 def _train_rows(directory):
     rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["mode"] == "train" and "loss_mean" in r]
@@ -333,25 +202,6 @@ def test_training_learns_the_streams_pattern(tiny):
     assert result.status == "success" and len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert after < 0.8 * before
-
-
-def test_evaluation_does_not_depend_on_how_a_set_is_split_and_padded(tiny):
-    """The same rows as one batch, or split unevenly over two batches filled up with fully masked padding rows
-    (as the evaluation pipeline pads its last batch): the same token-weighted loss and accuracy."""
-    state, _, eval_step, *_ = tiny
-    full = next(Stream(seed=5))
-
-    def rows(batch, start, stop, total):
-        def take(x):
-            pad = jnp.zeros((total - (stop - start), *x.shape[1:]), x.dtype)
-            return jnp.concatenate([x[start:stop], pad])
-
-        return jax.tree.map(take, batch)
-
-    whole = evaluate(eval_step, state, [full])
-    split = evaluate(eval_step, state, [rows(full, 0, 5, 8), rows(full, 5, 8, 8)])
-    for name in ("loss", "accuracy"):
-        assert split[name] == pytest.approx(whole[name], rel=1e-6), name
 
 
 def test_a_stop_at_epoch_start_ends_training_before_that_epoch(tiny):
@@ -407,31 +257,6 @@ def test_loss_of_other_log_modes_is_not_taken_for_nan():
     assert _step_scalars(accumulate(measured, {"loss": ("std",), "nonfinite": ("max",)}))[1]
     loss, nonfinite = _step_scalars(accumulate({"loss": Measured(jnp.nan * one, one)}, ("single",)))
     assert math.isnan(loss) and nonfinite
-
-
-def test_a_validation_iterator_is_refused_before_training(tiny):
-    state, train_step, eval_step, *_ = tiny
-    config = LoopConfig(num_train_steps=4, check_val_every_n_steps=2)
-    with pytest.raises(TypeError, match="val_data is an iterator"):
-        fit(state, train_step, eval_step, Stream(), config=config, val_data=iter(eval_set(1)))
-    with pytest.raises(TypeError, match=r"val_data\['plays'\] is an iterator"):
-        fit(state, train_step, eval_step, Stream(), config=config, val_data={"a": eval_set(1), "plays": Stream()})
-
-
-def test_a_failing_eval_step_fails_before_the_first_train_step(tiny):
-    state, train_step, eval_step, *_ = tiny
-    hook, seen = recorder()
-
-    def broken(state, batch, metrics):
-        if batch.inputs.shape[0] != 3:
-            raise ValueError("global batch size 8 is not divisible by data×fsdp = 3")
-        return eval_step(state, batch, metrics)
-
-    config = LoopConfig(num_train_steps=8, check_val_every_n_steps=4)
-    with pytest.raises(ValueError, match="not divisible") as raised:
-        fit(state, train_step, broken, Stream(), config=config, val_data={"plays": eval_set(1)}, hooks=[hook])
-    assert "first batch of validation set 'plays', checked before training" in str(raised.value.__notes__)
-    assert [kind for kind, *_ in seen] == []  # not even train_start: no step was taken
 
 
 def test_a_writer_of_ones_own_gets_every_row_and_the_config(tiny, tmp_path):

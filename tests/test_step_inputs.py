@@ -1,10 +1,11 @@
 """The steps' inputs: the token-id check runs as a program of its own, so the step programs stay cacheable,
-and all steps on one mesh share it."""
+and all steps on one mesh share it; bad batches, meshes and donated states are refused by name."""
 
 import functools
 import inspect
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ from xlstm_eqx.data.batch import Batch, document_starts
 from xlstm_eqx.models import build
 from xlstm_eqx.parallel import make_mesh
 from xlstm_eqx.train.loss import target_scores
+from xlstm_eqx.train.metrics import to_host
 from xlstm_eqx.train.recurrent_eval import make_recurrent_eval_step
 from xlstm_eqx.train.state import init
 from xlstm_eqx.train.step_inputs import check_tokens, make_batch_check
@@ -105,3 +107,64 @@ def test_train_step_modes_must_be_a_mapping():
     unchecked = inspect.unwrap(make_train_step)  # what a user without runtime type checking calls
     with pytest.raises(TypeError, match=r"make_train_step\(modes=...\) maps metric names to their modes .* got 'max'"):
         unchecked(None, optax.sgd(0.1), mesh, modes="max")
+
+
+def test_bad_batches_and_meshes_are_named():
+    mesh = make_mesh(MeshConfig(data=4), jax.devices()[:4])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    step = make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False))
+    with pytest.raises(ValueError, match="global batch size 6 is not divisible by data×fsdp = 4"):
+        step(state, make_batch(jax.random.key(0), rows=6))
+    bad = make_batch(jax.random.key(0))
+    # With runtime type checking on (as in tests) Batch itself rejects these; without it the step does.
+    with pytest.raises((ValueError, TypeError), match="targets"):
+        step(state, Batch(bad.inputs, bad.targets[:, :5], bad.loss_mask, bad.segment_ids, bad.positions))
+    with pytest.raises(TypeError, match="inputs"):
+        step(state, Batch(bad.inputs.astype(jnp.float32), bad.targets, bad.loss_mask, bad.segment_ids, bad.positions))
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        make_mesh(MeshConfig(data=2, fsdp=4, model=2))
+    with pytest.raises(ValueError, match=r"batch.inputs has shape \(4, 0\); expected \(batch, time\), both ≥ 1"):
+        step(state, Batch(*(jnp.zeros((4, 0), x.dtype) for x in (bad.inputs, bad.targets, bad.loss_mask,
+                                                                  bad.segment_ids, bad.positions))))  # fmt: skip
+
+
+def test_a_default_mesh_that_leaves_a_process_out_is_refused(monkeypatch):
+    """Two processes of four devices each: a data=4 mesh over the default devices would hold only process 0's."""
+    import types
+
+    fake = [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
+    monkeypatch.setattr(jax, "devices", lambda: fake)
+    with pytest.raises(ValueError, match=r"leaves out every device of process\(es\) \[1\]"):
+        make_mesh(MeshConfig(data=4))
+
+
+def test_a_donated_state_passed_again_is_refused_by_name():
+    """Donation frees the state's buffers; XLA:CPU would read them anyway (a segfault on several devices)."""
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    step = make_train_step(static, tx, mesh, TrainConfig())
+    batch = make_batch(jax.random.key(0), rows=4)
+    new_state, _ = step(state, batch)
+    with pytest.raises(ValueError, match="this state was donated to an earlier train_step call"):
+        step(state, batch)
+    step(new_state, batch)  # the returned state is the one to pass
+
+
+def test_token_ids_are_checked_where_they_are_used():
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    tx = optax.sgd(0.1)
+    state, static = init(perturbed_model(jax.random.key(1)), tx, key=jax.random.key(2), mesh=mesh)
+    step = make_train_step(static, tx, mesh, TrainConfig(donate_train_state=False))
+    batch = make_batch(jax.random.key(3))  # its last 3 positions are not scored
+    ignored = eqx.tree_at(lambda b: b.targets, batch, batch.targets.at[:, -1].set(-100))
+    np.testing.assert_array_equal(
+        to_host(step(state, ignored)[1])["loss_mean"], to_host(step(state, batch)[1])["loss_mean"]
+    )
+    for field, where in (("targets", 0), ("inputs", -1)):
+        bad = eqx.tree_at(
+            lambda b, f=field: getattr(b, f), batch, getattr(batch, field).at[0, where].set(MODEL.vocab_size)
+        )
+        with pytest.raises(Exception, match=r"token id outside \[0, vocab_size=64\)"):
+            jax.block_until_ready(step(state, bad))
