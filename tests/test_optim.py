@@ -1,5 +1,6 @@
 """Optimizers, weight decay, clipping and LR schedules: exact step semantics and decay direction."""
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -254,6 +255,32 @@ def test_our_clip_gives_optax_clip_by_global_norm(scale):
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)  # NaN where optax has NaN
 
+
+
+def test_a_known_norm_is_used_only_for_the_updates_it_was_computed_from():
+    """The train step hands the clip the gradients' norm it already has; any other updates (a wrapper's, e.g.
+    MultiSteps' accumulated ones) must be measured afresh, or the clip would scale by a stranger's norm."""
+    from xlstm_eqx.train.optim import KnownNorm, clip_by_global_norm, with_standard_promotion
+
+    grads = {"a": jnp.full((3, 4), 2.0), "b": [jnp.ones((5,))]}  # norm √53 ≈ 7.3
+    clip = clip_by_global_norm(1.0)
+    state = clip.init(grads)
+    claimed = KnownNorm(grads, jnp.float32(4.0))  # deliberately not the true norm: shows which one was used
+    trusted, _ = clip.update(grads, state, known_norm=claimed)
+    np.testing.assert_allclose(trusted["a"], 2.0 / 4.0, rtol=1e-6)
+    copy = jax.tree.map(jnp.array, grads)  # equal values, other arrays
+    measured, _ = clip.update(copy, state, known_norm=claimed)
+    np.testing.assert_allclose(measured["a"], 2.0 / math.sqrt(53), rtol=1e-6)
+    rebuilt, _ = clip.update({"a": grads["a"], "b": grads["b"][0]}, state, known_norm=claimed)  # same leaves
+    np.testing.assert_allclose(rebuilt["a"], 2.0 / math.sqrt(53), rtol=1e-6)  # other structure: measured
+
+    # MultiSteps forwards extra arguments to its inner chain, with the accumulated mean instead of the updates
+    every_2 = with_standard_promotion(optax.MultiSteps(optax.chain(clip, optax.sgd(1.0)), 2))
+    state = every_2.init(grads)
+    for scale in (5.0, -1.0):  # the mean, 2·grads, has twice the norm of the last updates, -grads
+        step = jax.tree.map(functools.partial(jnp.multiply, scale), grads)
+        updates, state = every_2.update(step, state, grads, known_norm=KnownNorm(step, optax.tree.norm(step)))
+    np.testing.assert_allclose(updates["a"], -2.0 / math.sqrt(53), rtol=1e-6)  # the mean clipped to norm 1
 
 def optax_global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(tree)))

@@ -141,6 +141,28 @@ def test_gradient_clipping_on_a_sharded_mesh_equals_one_device():
         np.testing.assert_allclose(leaf, ref_leaf, rtol=1e-5, atol=1e-7)
 
 
+LR = 1e3
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda clip: optax.chain(clip, optax.sgd(LR, momentum=0.9)),  # the norm the step measured is the clip's
+        lambda clip: optax.chain(optax.scale(3.0), clip, optax.sgd(LR)),  # the clip sees other updates
+    ],
+    ids=["first", "after-scale"],
+)
+def test_the_clip_given_the_steps_gradient_norm_equals_optax(wrap):
+    """The step passes its gradient norm to our clip (one read of the gradients fewer); wherever the clip sees
+    updates other than the step's gradients it must measure them itself, as optax's clip always does (MultiSteps:
+    test_optim.py). Updates of norm LR · 1e-3 = 1 move parameters far enough for a wrong norm to show."""
+    from xlstm_eqx.train.optim import clip_by_global_norm
+
+    ours, _, _ = run((1, 1, 1), tx=wrap(clip_by_global_norm(1e-3)), steps=2)
+    theirs, _, _ = run((1, 1, 1), tx=wrap(optax.clip_by_global_norm(1e-3)), steps=2)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # updates ≈ 1e-3; float32 rounding: 3e-8
+
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)])
 def test_sharded_equals_single_device_float64(x64, single_device_float64, mesh_shape):
     """Exact math with the real optimizer: parameters after three AdamW steps agree to rounding in float64."""

@@ -27,6 +27,7 @@ Gradient clipping by global norm comes first in every chain (it sees the raw gra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from ..parallel.sharding import dotted_path
 __all__ = [
     "build_optimizer",
     "build_schedule",
+    "KnownNorm",
     "clip_by_global_norm",
     "learning_rate_at",
     "optimizer_step_count",
@@ -170,7 +172,28 @@ def build_optimizer(cfg: OptimConfig, total_steps: int | None = None) -> optax.G
     return with_standard_promotion(optax.chain(*chain))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True)
+class KnownNorm:
+    """‖tree‖₂ already computed by the caller, vouched for one pytree of arrays (or tracers).
+
+    The train step computes the gradients' global norm outside its NaN-check branch (for the check and the
+    ``grad_norm`` metric) and hands it to :func:`clip_by_global_norm` as the extra argument ``known_norm``, so the
+    clip need not read every gradient once more (config B bf16: +0.9 to +1% train tokens/s). The norm is used only
+    for the very pytree it was computed from (:meth:`norm_of` compares leaves by identity): a wrapper that hands the
+    clip different updates, e.g. ``optax.MultiSteps`` its accumulated gradients, makes the clip compute its own."""
+
+    tree: Any
+    norm: Array
+
+    def norm_of(self, updates: Any) -> Array | None:
+        """The known norm if ``updates`` is the pytree it was computed from, else None."""
+        known, given = jax.tree.flatten(self.tree), jax.tree.flatten(updates)
+        if known[1] != given[1] or any(a is not b for a, b in zip(known[0], given[0], strict=True)):
+            return None
+        return self.norm
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """``optax.clip_by_global_norm``'s rule, g · min(1, max_norm / ‖g‖), as one scalar multiply per element.
 
     optax divides every element by the norm instead. XLA:CPU does not repeat a divide in each of its consumers, so
@@ -178,15 +201,20 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     scalar fuses into both moment updates (config B's optimizer update alone 38 → 29 ms; inside the bf16 train step,
     where other work overlaps it, the fastest step 11–16 ms faster, the median 0.2–0.3%). The results agree to rounding
     (identical below the threshold; a norm of 0 leaves g as it is; inf or NaN norms give what optax gives), and
-    the state is optax's (empty), so checkpoints are interchangeable."""
+    the state is optax's (empty), so checkpoints are interchangeable. ‖g‖ comes from the extra argument
+    ``known_norm`` (a :class:`KnownNorm`) when that was computed from these very updates."""
 
-    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
-        del params
-        norm = optax.tree.norm(updates)
+    def update(
+        updates: Any, state: optax.EmptyState, params: Any = None, *, known_norm: KnownNorm | None = None, **extra: Any
+    ) -> tuple[Any, optax.EmptyState]:
+        del params, extra
+        norm = None if known_norm is None else known_norm.norm_of(updates)
+        if norm is None:
+            norm = optax.tree.norm(updates)
         scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def with_standard_promotion(tx: Any) -> optax.GradientTransformationExtraArgs:
