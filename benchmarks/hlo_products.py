@@ -1,10 +1,14 @@
-"""The products (``dot`` instructions) of a compiled XLA module's text, with their operands' dtypes.
+"""The products (``dot`` instructions) of a compiled XLA module's text: their operands' dtypes (:func:`products`)
+and, for batched ones, their canonical (batch, m, k, n) sizes (:func:`batched_products`).
 
-No side effects on import: ``profile_step.py`` and the tests that guard XLA:CPU's choice of GEMM both read it.
+No side effects on import: ``profile_step.py``, ``cell_products.py`` and the tests that guard XLA:CPU's choice of
+GEMM read it.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import re
 from dataclasses import dataclass
 
@@ -50,3 +54,40 @@ def products(hlo_text: str) -> list[Product]:
             )
             found.append(Product(match["name"], match["shape"], operands, contracted, fused, upcast))
     return found
+
+
+BATCHED_SHAPE = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = [a-z]+\d*\[(?P<dims>[\d,]*)\]")
+OPERANDS = re.compile(r"dot\(%(?P<lhs>[\w.\-]+), %(?P<rhs>[\w.\-]+)\)")
+DOT_DIMS = re.compile(r"(?P<key>(?:lhs|rhs)_(?:batch|contracting)_dims)=\{(?P<dims>[\d,]*)\}")
+
+
+def batched_products(hlo_text: str) -> collections.Counter:
+    """{(batch, m, k, n): occurrences} of the products with batch dimensions in a compiled module's text."""
+    shapes = {}
+    for line in hlo_text.splitlines():
+        match = BATCHED_SHAPE.match(line)
+        if match:
+            shapes[match["name"]] = [int(d) for d in match["dims"].split(",") if d]
+    found: collections.Counter = collections.Counter()
+    for line in hlo_text.splitlines():
+        dot = OPERANDS.search(line)
+        if not dot or " dot(" not in line:
+            continue
+        dims = {m["key"]: [int(d) for d in m["dims"].split(",") if d] for m in DOT_DIMS.finditer(line)}
+        if not dims.get("lhs_batch_dims"):
+            continue
+        lhs, rhs = shapes[dot["lhs"]], shapes[dot["rhs"]]
+        batch = _size(lhs, dims["lhs_batch_dims"])
+        k = _size(lhs, dims["lhs_contracting_dims"])
+        m = _size(lhs, _free_axes(len(lhs), dims["lhs_batch_dims"] + dims["lhs_contracting_dims"]))
+        n = _size(rhs, _free_axes(len(rhs), dims["rhs_batch_dims"] + dims["rhs_contracting_dims"]))
+        found[(batch, m, k, n)] += 1
+    return found
+
+
+def _size(shape: list[int], axes: list[int]) -> int:
+    return math.prod(shape[a] for a in axes)
+
+
+def _free_axes(rank: int, used: list[int]) -> list[int]:
+    return [a for a in range(rank) if a not in used]

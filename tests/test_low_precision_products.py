@@ -169,3 +169,16 @@ def test_low_precision_matmul_policy_rejects_unknown_names_and_reads_this_host()
     if jax.default_backend() == "cpu" and "avx2" in host_cpu_features():
         has_bf16_dot = bool(host_cpu_features() & {"avx512_bf16", "amx_bf16"})
         assert upcasts_low_precision_matmul("auto") is not has_bf16_dot
+
+
+def test_batched_products_are_read_with_their_sizes():
+    """cell_products.py's reader: batch, free and contracted axes of every batched product, wherever they sit."""
+    a, b = jnp.ones((3, 5, 7, 2), jnp.float32), jnp.ones((3, 2, 11, 7), jnp.float32)
+    plain = jnp.ones((4, 6), jnp.float32)
+
+    def program(a, b, plain):
+        batched = jnp.einsum("xmkc,xcnk->xcmn", a, b)  # batch x·c = 6, m 5, k 7, n 11
+        return batched, plain @ plain.T  # an unbatched product is not counted
+
+    hlo = jax.jit(program).lower(a, b, plain).compile().as_text()
+    assert hlo_products.batched_products(hlo) == {(6, 5, 7, 11): 1}

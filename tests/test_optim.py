@@ -256,7 +256,6 @@ def test_our_clip_gives_optax_clip_by_global_norm(scale):
         np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)  # NaN where optax has NaN
 
 
-
 def test_a_known_norm_is_used_only_for_the_updates_it_was_computed_from():
     """The train step hands the clip the gradients' norm it already has; any other updates (a wrapper's, e.g.
     MultiSteps' accumulated ones) must be measured afresh, or the clip would scale by a stranger's norm."""
@@ -281,6 +280,7 @@ def test_a_known_norm_is_used_only_for_the_updates_it_was_computed_from():
         step = jax.tree.map(functools.partial(jnp.multiply, scale), grads)
         updates, state = every_2.update(step, state, grads, known_norm=KnownNorm(step, optax.tree.norm(step)))
     np.testing.assert_allclose(updates["a"], -2.0 / math.sqrt(53), rtol=1e-6)  # the mean clipped to norm 1
+
 
 def optax_global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(tree)))

@@ -163,6 +163,7 @@ def test_the_clip_given_the_steps_gradient_norm_equals_optax(wrap):
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # updates ≈ 1e-3; float32 rounding: 3e-8
 
+
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)])
 def test_sharded_equals_single_device_float64(x64, single_device_float64, mesh_shape):
     """Exact math with the real optimizer: parameters after three AdamW steps agree to rounding in float64."""
