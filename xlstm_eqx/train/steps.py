@@ -70,6 +70,10 @@ def make_train_step(
     summed over ``gradient_accumulate_steps`` micro-batches, so accumulation equals one big batch. With
     ``check_for_nan`` a step whose loss or gradients are not finite leaves parameters and optimizer state
     unchanged and reports ``nonfinite`` = 1. The state is donated unless ``donate_train_state`` is off.
+    ``tx.update`` gets the gradients' global norm as the extra argument ``known_norm`` (an
+    :class:`~xlstm_eqx.train.optim.KnownNorm`, which :func:`~xlstm_eqx.train.optim.clip_by_global_norm` uses): a
+    plain ``GradientTransformation`` is wrapped to ignore it, and one with extra-argument support must accept
+    keywords it does not use, as optax's own transformations do.
 
     ``loss_fn(model, batch, key, *, z_loss, tp_axis, [intermediates]) -> (value, {name: Measured})`` must
     measure ``loss`` when ``check_for_nan`` is on. Metrics are logged with ``default_train_log_modes``
