@@ -12,7 +12,8 @@ What is measured
 Variant syntax
     ``NAME=OVERRIDE[,OVERRIDE...]``; an override ``xla:FLAG=VALUE`` is an XLA option, ``env:VAR=VALUE`` sets an
     environment variable while the variant is traced and compiled (for code experiments gated on one), any other
-    is a config override (``model.scan_blocks=false``). ``NAME=`` alone is the unchanged config.
+    is a config override (``model.scan_blocks=false``). ``NAME=`` alone is the unchanged config. A list-valued XLA
+    option separates its items with ``|`` (``xla:xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT|...``).
 
 Usage
     python benchmarks/variants.py --config A --variant base= --variant unrolled=model.scan_blocks=false
@@ -56,7 +57,7 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str], dict[str, 
             flag, sep, value = item[4:].partition("=")
             if not sep:
                 raise argparse.ArgumentTypeError(f"XLA option {item!r} must be xla:FLAG=VALUE")
-            options[flag] = _option_value(value)
+            options[flag] = _option_value(value.replace("|", ","))  # a list-valued option's items
         else:
             overrides.append(item)
     return name, overrides, options, env
