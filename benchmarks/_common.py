@@ -146,6 +146,30 @@ def time_calls(call: Callable[[], Any], repeats: int = 5, warmup: int = 1, probe
     }
 
 
+def torch_peer(script: str) -> str | None:
+    """``"torch <version>"`` with torch set to ``os.cpu_count()`` threads, or None (logged) where torch is absent."""
+    try:
+        import torch
+    except ImportError:
+        log(f"[{script}] torch is not importable: timing ours alone (make bench-compare sets up .venv-peer)")
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    return f"torch {torch.__version__}"
+
+
+def alternating_gflops(calls: dict[str, Callable[[], Any]], flops: float, *, rounds: int, repeats: int) -> dict:
+    """{side: GFLOP/s} of each zero-argument call doing ``flops``: two warm-up calls each, then ``rounds`` turns
+    in which every side runs ``repeats`` timed calls; the rate is from the median of the turns' medians (per-call
+    times are rounded to 10 µs, too coarse to pool for small products)."""
+    for call in calls.values():
+        call(), call()  # compile / warm up
+    medians: dict[str, list[float]] = {side: [] for side in calls}
+    for _ in range(rounds):
+        for side, call in calls.items():
+            medians[side].append(time_calls(call, repeats=repeats, warmup=0, probe=False)["median_s"])
+    return {side: flops / statistics.median(m) / 1e9 for side, m in medians.items()}
+
+
 def timing_fields(stats: dict[str, Any], *, trace_s: float, compile_s: float) -> dict[str, Any]:
     """The timing part of every JSON record: median/min/max step time (from :func:`time_calls`), trace and
     compile time, compilations during timing (should be 0) and the contention probes around the timed calls."""

@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, init_train_step, log, time_calls  # noqa: E402
+from _common import alternating_gflops, emit, init_train_step, log, torch_peer  # noqa: E402
 from hlo_products import batched_products  # noqa: E402
 from model import PRESETS, preset_config  # noqa: E402
 
@@ -69,14 +68,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating turns per side")
     args = parser.parse_args()
 
-    try:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        peer = f"torch {torch.__version__}"
-    except ImportError:
-        peer = None
-        log("[cell_products] torch is not importable: timing ours alone (make bench-compare sets up .venv-peer)")
+    peer = torch_peer("cell_products")
     cfg = preset_config(args.config, args.override)
     if not cfg.model.scan_blocks:
         parser.error("the per-block count assumes scanned blocks (model.scan_blocks=true)")
@@ -91,14 +83,8 @@ def main() -> None:
         calls = {"ours": ours_call(shape)}
         if peer:
             calls |= {"peer_fp32": peer_call(shape, "float32"), "peer_bf16": peer_call(shape, "bfloat16")}
-        times: dict[str, list[float]] = {side: [] for side in calls}
-        for call in calls.values():
-            call(), call()  # compile / warm up
-        for _ in range(args.rounds):  # per-turn medians: the pooled per-call times are rounded to 10 µs
-            for side, call in calls.items():
-                times[side].append(time_calls(call, repeats=args.repeats, warmup=0, probe=False)["median_s"])
         flops = 2.0 * math.prod(shape)
-        rate = {side: flops / statistics.median(t) / 1e9 for side, t in times.items()}
+        rate = alternating_gflops(calls, flops, rounds=args.rounds, repeats=args.repeats)
         for side in rate:
             step_s[side] += count * flops / (rate[side] * 1e9)
         emit(

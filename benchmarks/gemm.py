@@ -6,7 +6,8 @@ What is measured
     (rows, d_in, d_out), the input gradient g·W (rows, d_out, d_in) and the weight gradient gᵀ·x
     (d_out, rows, d_in), each run as often as the model has such layers (remat's recomputed forward products are
     not counted). Each shape is a plain product of row-major operands, timed alternately in both libraries
-    (``--rounds`` turns of ``--repeats`` calls each after a warm-up; median), both on ``os.cpu_count()`` threads:
+    (``--rounds`` turns of ``--repeats`` calls each after a warm-up; median of the turns' medians), both on
+    ``os.cpu_count()`` threads:
 
     * ours: ``jit(jnp.dot)``; float32, or bfloat16 operands accumulated and returned in float32, as the library's
       mixed-precision products are (``models.layers.mixed_precision_matmul``);
@@ -30,12 +31,11 @@ import argparse
 import collections
 import math
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, log, time_calls  # noqa: E402
+from _common import alternating_gflops, emit, torch_peer  # noqa: E402
 from model import PRESETS, matmul_weight_shapes, preset_config  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -94,14 +94,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating turns per side")
     args = parser.parse_args()
 
-    try:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        peer = f"torch {torch.__version__}"
-    except ImportError:
-        peer = None
-        log("[gemm] torch is not importable: timing ours alone (make bench-compare sets up .venv-peer)")
+    peer = torch_peer("gemm")
     products = step_products(args.config)
     for precision in args.precisions:
         step_s = {"ours": 0.0, "peer": 0.0}
@@ -109,14 +102,8 @@ def main() -> None:
             calls = {"ours": ours_call(shape, precision)}
             if peer:
                 calls["peer"] = peer_call(shape, precision)
-            times: dict[str, list[float]] = {side: [] for side in calls}
-            for call in calls.values():
-                call(), call()  # compile / warm up
-            for _ in range(args.rounds):
-                for side, call in calls.items():
-                    times[side] += time_calls(call, repeats=args.repeats, warmup=0, probe=False)["times_s"]
             flops = 2.0 * shape[0] * shape[1] * shape[2]
-            rate = {side: flops / statistics.median(t) / 1e9 for side, t in times.items()}
+            rate = alternating_gflops(calls, flops, rounds=args.rounds, repeats=args.repeats)
             for side in rate:
                 step_s[side] += count * flops / (rate[side] * 1e9)
             emit(
