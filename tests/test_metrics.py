@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from xlstm_eqx.train.metrics import (
     EVAL_LOG_MODES,
-    MODES,
+    LOG_MODES,
     LogModes,
     MaxAcc,
     MeanAcc,
@@ -61,7 +61,7 @@ def test_update_rules_over_many_steps():
 
 
 def test_output_keys_follow_the_seed():
-    keys = [output_key("loss", mode) for mode in MODES]
+    keys = [output_key("loss", mode) for mode in LOG_MODES]
     assert keys == [
         "loss_mean",
         "loss",

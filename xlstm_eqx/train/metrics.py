@@ -35,8 +35,7 @@ from jaxtyping import Array, Float32, Real
 
 from ..config.train import LOG_MODES, PER_EXAMPLE_MODES
 
-MODES, NOREDUCE_MODES = LOG_MODES, PER_EXAMPLE_MODES
-_SUFFIX = {mode: "" if mode == "mean_nopostfix" else "_" + mode for mode in MODES}
+_SUFFIX = {mode: "" if mode == "mean_nopostfix" else "_" + mode for mode in LOG_MODES}
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -65,8 +64,8 @@ class LogModes:
 def _check_modes(name: str, modes: str | Sequence[str]) -> tuple[str, ...]:
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
     for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"metric {name!r}: unknown log mode {mode!r}; known modes: {', '.join(MODES)}")
+        if mode not in LOG_MODES:
+            raise ValueError(f"metric {name!r}: unknown log mode {mode!r}; known modes: {', '.join(LOG_MODES)}")
     return modes
 
 
@@ -177,7 +176,7 @@ def _from_step(mode: str, value: Array, count: Array) -> Accumulator:
         return MeanAcc(value, count)
     if mode == "single":
         return LastAcc(value, count)
-    if mode in NOREDUCE_MODES:
+    if mode in PER_EXAMPLE_MODES:
         return LastArrayAcc(value, count, with_count=mode == "single_noreduce_wcount")
     has = count > 0  # a step with count 0 adds nothing to max / std
     average = jnp.where(has, value / jnp.where(has, count, 1.0), 0.0)
@@ -228,7 +227,7 @@ def empty_like(metrics: Mapping[str, Accumulator], sharding: jax.sharding.Shardi
 
 
 def _reduction(name: str, modes: tuple[str, ...]) -> str:
-    noreduce = [m for m in modes if m in NOREDUCE_MODES]
+    noreduce = [m for m in modes if m in PER_EXAMPLE_MODES]
     if noreduce and len(modes) > 1:
         msg = "is reduced differently; log the per-example values under a second metric name"
         raise ValueError(f"metric {name!r}: mode {noreduce[0]!r} in {modes} {msg}")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from .metrics import (
-    NOREDUCE_MODES,
+    PER_EXAMPLE_MODES,
     Accumulator,
     LastAcc,
     LastArrayAcc,
@@ -78,7 +78,7 @@ def to_host(metrics: Mapping[str, Accumulator]) -> HostMetrics:
 
 
 def _noreduce_mode(key: str, modes: LogModes) -> str | None:
-    for mode in NOREDUCE_MODES:
+    for mode in PER_EXAMPLE_MODES:
         suffix = "_" + mode
         if key.endswith(suffix) and mode in modes.of(key[: -len(suffix)]):
             return mode
